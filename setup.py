@@ -1,0 +1,22 @@
+from setuptools import setup
+
+setup(
+    name="bltdist",
+    version="0.1.0",
+    description="PyTorch-native 4D-parallel pretraining of Byte Latent Transformers",
+    python_requires=">=3.10",
+    package_dir={"bltdist": "src/bltdist", "bltdist.kernels": "kernels"},
+    packages=["bltdist", "bltdist.model", "bltdist.data", "bltdist.kernels"],
+    install_requires=[
+        "torch>=2.11",
+        "pyyaml",
+        "safetensors",
+        "triton; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "dev": ["pytest", "transformers>=5", "pyarrow"],
+        "parquet": ["pyarrow"],
+        "flash": ["flash-attn"],
+    },
+    entry_points={"console_scripts": ["bltdist-train=bltdist.train:main"]},
+)
