@@ -1,0 +1,86 @@
+"""Model FLOPs per byte and MFU, by one documented rule (BLT_NOTES section 3).
+
+Convention (torchtitan / picotron): a matmul of (m x k) by (k x n) is 2mkn FLOPs; attention
+scores count QK^T and AV over the whole visible context with no causal halving
+(4 x context x dim per layer); embedding lookups, norms and activations count zero; training is
+3 x forward. Per byte, with average patch length a and S = cross_attn_k slots per patch:
+
+- local encoder and decoder layers: 2 x layer parameters + 4 x min(window, seq_len) x local_dim;
+- cross-attention: projections applied per byte count once per byte, those applied per slot
+  count S / a per byte; scores 4 x local_dim x S per byte (every byte meets S slots);
+- patch-to-slot projections and the global transformer count once per patch, so / a; the
+  global context is seq_len / a patches;
+- the output head 2 x local_dim x vocab.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bltdist.config import BLTConfig, EntropyModelConfig
+
+# Dense bf16 peak TFLOP/s by a substring of torch.cuda.get_device_name(); first match wins.
+PEAK_TFLOPS = (
+    ("H200", 989.5),
+    ("H100", 989.5),
+    ("A100", 312.0),
+)
+
+
+def _block_params(dim: int, heads: int, kv_heads: int | None, ffn_dim: int | None) -> int:
+    kv_dim = (kv_heads or heads) * (dim // heads)
+    ffn = ffn_dim or int(8 * dim / 3)
+    return 2 * dim * dim + 2 * dim * kv_dim + 3 * dim * ffn
+
+
+def blt_forward_flops_per_byte(cfg: BLTConfig, seq_len: int, avg_patch_len: float) -> float:
+    d, slots, a = cfg.local_dim, cfg.cross_attn_k, avg_patch_len
+    kv_dim = (cfg.local_kv_heads or cfg.local_heads) * (d // cfg.local_heads)
+    local_context = min(cfg.local_window or seq_len, seq_len)
+
+    encoder = cfg.encoder_layers * (
+        2 * _block_params(d, cfg.local_heads, cfg.local_kv_heads, cfg.encoder_ffn_dim) + 4 * local_context * d
+    )
+    decoder = cfg.decoder_layers * (
+        2 * _block_params(d, cfg.local_heads, cfg.local_kv_heads, cfg.decoder_ffn_dim) + 4 * local_context * d
+    )
+    encoder_cross_layers = cfg.encoder_layers if cfg.encoder_cross_attn_all_layers else 1
+    decoder_cross_layers = cfg.decoder_layers if cfg.decoder_cross_attn_all_layers else 1
+    # Encoder: keys/values from bytes, queries/outputs per slot. Decoder: the other way round.
+    encoder_cross = encoder_cross_layers * (2 * 2 * d * kv_dim + 2 * 2 * d * d * slots / a + 4 * d * slots)
+    decoder_cross = decoder_cross_layers * (2 * 2 * d * d + 2 * 2 * d * kv_dim * slots / a + 4 * d * slots)
+    slot_projections = (2 * d * slots * d + 2 * cfg.global_dim * slots * d) / a
+
+    global_in = slots * d * cfg.global_dim if slots * d != cfg.global_dim else 0
+    global_params = global_in + cfg.global_layers * _block_params(
+        cfg.global_dim, cfg.global_heads, cfg.global_kv_heads, cfg.global_ffn_dim
+    )
+    global_context = seq_len / a
+    global_model = (2 * global_params + 4 * global_context * cfg.global_dim * cfg.global_layers) / a
+
+    head = 2 * d * cfg.vocab_size
+    return encoder + decoder + encoder_cross + decoder_cross + slot_projections + global_model + head
+
+
+def byte_lm_forward_flops_per_byte(cfg: EntropyModelConfig, seq_len: int) -> float:
+    context = min(cfg.window or seq_len, seq_len)
+    per_layer = 2 * _block_params(cfg.dim, cfg.heads, cfg.kv_heads, cfg.ffn_dim) + 4 * context * cfg.dim
+    return cfg.layers * per_layer + 2 * cfg.dim * cfg.vocab_size
+
+
+def training_flops_per_byte(model_cfg, seq_len: int, avg_patch_len: float) -> float:
+    """3 x forward FLOPs per byte for ``model_cfg`` (a ModelConfig with arch blt or entropy)."""
+    if model_cfg.arch == "entropy":
+        return 3 * byte_lm_forward_flops_per_byte(model_cfg.entropy, seq_len)
+    return 3 * blt_forward_flops_per_byte(model_cfg.blt, seq_len, avg_patch_len)
+
+
+def peak_tflops(device_name: str, override: float | None) -> float | None:
+    """Peak dense bf16 TFLOP/s of one device; None when unknown (CPU without an override)."""
+    if override is not None:
+        return override
+    for key, peak in PEAK_TFLOPS:
+        if key in device_name:
+            return peak
+    return None

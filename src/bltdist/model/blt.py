@@ -1,0 +1,245 @@
+"""The Byte Latent Transformer and its entropy model, in plain PyTorch (no parallel code).
+
+Data flow for bytes x (B, T) and patch lengths (B, P):
+  bytes -> byte + hash n-gram embeddings -> local encoder (windowed causal self-attention)
+        -> per patch: max-pool the patch's byte states, project to S = cross_attn_k query slots,
+           cross-attend to the patch's own bytes -> (B, P, S * local_dim)
+        -> global transformer, causal over patches -> (B, P, global_dim)
+        -> project each patch to S slots; decoder starts from the encoder's byte states and,
+           before its layers, each byte cross-attends to the slots of one earlier patch
+        -> RMSNorm -> logits (B, T, vocab) in fp32.
+
+Causality: the logits at position t predict byte t+1. Position t reads the global output of the
+last patch that ends at or before t, i.e. patch p(t+1) - 1 where p(t) is the patch of byte t.
+That patch holds only bytes <= t, and it is the freshest such patch. It needs the first patch of
+every row to be a single byte (the BOS rule of ``bltdist.patching``); otherwise the first bytes
+read their own, unfinished patch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+
+from bltdist.model.attention import SelfAttentionMask, resolve_backend
+from bltdist.model.hash_embedding import HashNgramEmbedding
+from bltdist.model.layers import CrossAttention, RMSNorm, TransformerBlock, rotary_table
+
+if TYPE_CHECKING:
+    from bltdist.config import BLTConfig, EntropyModelConfig
+
+BOS_ID = 1
+
+
+def default_ffn_dim(dim: int) -> int:
+    return int(8 * dim / 3)
+
+
+def document_ids(tokens: torch.Tensor) -> torch.Tensor:
+    """Document index of each position: the number of BOS tokens at or before it."""
+    return torch.cumsum(tokens == BOS_ID, dim=1)
+
+
+@dataclass
+class PatchLayout:
+    """Everything the three stages need to know about how one batch is cut into patches."""
+
+    patch_ids: torch.Tensor  # (B, T): patch of each byte
+    source_patch: torch.Tensor  # (B, T): patch whose global output byte t reads in the decoder
+    num_patches: int  # P, the padded patch count of the batch
+    byte_mask: SelfAttentionMask
+    patch_mask: SelfAttentionMask
+
+    @classmethod
+    def build(cls, tokens: torch.Tensor, patch_lengths: torch.Tensor, window: int | None, backend: str):
+        batch, seq_len = tokens.shape
+        patch_lengths = patch_lengths.to(device=tokens.device, dtype=torch.long)
+        patch_ends = torch.cumsum(patch_lengths, dim=1)
+        if not torch.equal(patch_ends[:, -1], torch.full_like(patch_ends[:, -1], seq_len)):
+            raise ValueError(
+                f"patch_lengths must sum to the sequence length {seq_len} in every row, "
+                f"got {patch_ends[:, -1].tolist()}"
+            )
+        positions = torch.arange(seq_len, device=tokens.device).expand(batch, -1).contiguous()
+        patch_ids = torch.searchsorted(patch_ends, positions, right=True)
+        real_patches = (patch_lengths > 0).sum(dim=1, keepdim=True)
+        next_byte_patch = torch.cat([patch_ids[:, 1:], real_patches], dim=1)
+        source_patch = (next_byte_patch - 1).clamp_min(0)
+
+        byte_docs = document_ids(tokens)
+        patch_starts = (patch_ends - patch_lengths).clamp_max(seq_len - 1)
+        # Right-padding patches (length 0) form a document of their own so they never touch real ones.
+        patch_docs = torch.where(patch_lengths > 0, torch.gather(byte_docs, 1, patch_starts), -1)
+        return cls(
+            patch_ids=patch_ids,
+            source_patch=source_patch,
+            num_patches=patch_lengths.shape[1],
+            byte_mask=SelfAttentionMask(byte_docs, window, backend),
+            patch_mask=SelfAttentionMask(patch_docs, None, backend),
+        )
+
+
+def _blocks(count: int, dim: int, heads: int, kv_heads: int | None, ffn_dim: int | None, eps: float):
+    return nn.ModuleList(
+        TransformerBlock(dim, heads, kv_heads or heads, ffn_dim or default_ffn_dim(dim), eps) for _ in range(count)
+    )
+
+
+class LocalEncoder(nn.Module):
+    def __init__(self, cfg: BLTConfig):
+        super().__init__()
+        self.dim, self.slots, self.rope_theta = cfg.local_dim, cfg.cross_attn_k, cfg.rope_theta
+        self.all_layers_cross = cfg.encoder_cross_attn_all_layers
+        kv_heads = cfg.local_kv_heads or cfg.local_heads
+        self.byte_embedding = nn.Embedding(cfg.vocab_size, cfg.local_dim)
+        self.hash_embedding = HashNgramEmbedding(cfg.hash_ngram_sizes, cfg.hash_functions, cfg.hash_vocab, cfg.local_dim)
+        self.layers = _blocks(
+            cfg.encoder_layers, cfg.local_dim, cfg.local_heads, cfg.local_kv_heads, cfg.encoder_ffn_dim, cfg.norm_eps
+        )
+        self.slot_proj = nn.Linear(cfg.local_dim, cfg.cross_attn_k * cfg.local_dim, bias=False)
+        num_cross = cfg.encoder_layers if self.all_layers_cross else 1
+        self.cross_attn = nn.ModuleList(
+            CrossAttention(cfg.local_dim, cfg.local_heads, kv_heads, cfg.norm_eps, cfg.cross_attn_double_residual)
+            for _ in range(num_cross)
+        )
+
+    def forward(self, tokens: torch.Tensor, layout: PatchLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns byte states (B, T, dim) and patch slots (B, P, S, dim)."""
+        h = self.byte_embedding(tokens) + self.hash_embedding(tokens)
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        rope = rotary_table(positions, self.dim // self.layers[0].attn.heads, self.rope_theta)
+        slots = None
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, layout.byte_mask)
+            if self.all_layers_cross or i == len(self.layers) - 1:
+                if slots is None:
+                    slots = self._init_slots(h, layout)
+                cross = self.cross_attn[i if self.all_layers_cross else 0]
+                slots = slots + cross.pool(slots, h, layout.patch_ids)
+        return h, slots
+
+    def _init_slots(self, h: torch.Tensor, layout: PatchLayout) -> torch.Tensor:
+        """Each patch's slots start from the max over its bytes' states, projected to S slots."""
+        batch, _, dim = h.shape
+        index = layout.patch_ids[..., None].expand(-1, -1, dim)
+        pooled = h.new_zeros(batch, layout.num_patches, dim).scatter_reduce(
+            1, index, h, reduce="amax", include_self=False
+        )
+        return self.slot_proj(pooled).unflatten(-1, (self.slots, dim))
+
+
+class GlobalTransformer(nn.Module):
+    def __init__(self, cfg: BLTConfig):
+        super().__init__()
+        self.dim, self.rope_theta = cfg.global_dim, cfg.rope_theta
+        in_dim = cfg.cross_attn_k * cfg.local_dim
+        self.in_proj = nn.Linear(in_dim, cfg.global_dim, bias=False) if in_dim != cfg.global_dim else None
+        self.layers = _blocks(
+            cfg.global_layers, cfg.global_dim, cfg.global_heads, cfg.global_kv_heads, cfg.global_ffn_dim, cfg.norm_eps
+        )
+        self.norm = RMSNorm(cfg.global_dim, cfg.norm_eps) if cfg.global_final_norm else None
+
+    def forward(self, patch_inputs: torch.Tensor, layout: PatchLayout) -> torch.Tensor:
+        """patch_inputs: (B, P, S * local_dim) -> (B, P, global_dim)."""
+        h = self.in_proj(patch_inputs) if self.in_proj is not None else patch_inputs
+        positions = torch.arange(h.shape[1], device=h.device)
+        rope = rotary_table(positions, self.dim // self.layers[0].attn.heads, self.rope_theta)
+        for layer in self.layers:
+            h = layer(h, rope, layout.patch_mask)
+        return self.norm(h) if self.norm is not None else h
+
+
+class LocalDecoder(nn.Module):
+    def __init__(self, cfg: BLTConfig):
+        super().__init__()
+        self.dim, self.slots, self.rope_theta = cfg.local_dim, cfg.cross_attn_k, cfg.rope_theta
+        self.all_layers_cross = cfg.decoder_cross_attn_all_layers
+        kv_heads = cfg.local_kv_heads or cfg.local_heads
+        self.slot_proj = nn.Linear(cfg.global_dim, cfg.cross_attn_k * cfg.local_dim, bias=False)
+        num_cross = cfg.decoder_layers if self.all_layers_cross else 1
+        self.cross_attn = nn.ModuleList(
+            CrossAttention(cfg.local_dim, cfg.local_heads, kv_heads, cfg.norm_eps, cfg.cross_attn_double_residual)
+            for _ in range(num_cross)
+        )
+        self.layers = _blocks(
+            cfg.decoder_layers, cfg.local_dim, cfg.local_heads, cfg.local_kv_heads, cfg.decoder_ffn_dim, cfg.norm_eps
+        )
+        self.norm = RMSNorm(cfg.local_dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.local_dim, cfg.vocab_size, bias=False)
+
+    def forward(self, byte_states: torch.Tensor, patch_states: torch.Tensor, layout: PatchLayout) -> torch.Tensor:
+        slots = self.slot_proj(patch_states).unflatten(-1, (self.slots, self.dim))
+        positions = torch.arange(byte_states.shape[1], device=byte_states.device)
+        rope = rotary_table(positions, self.dim // self.layers[0].attn.heads, self.rope_theta)
+        h = byte_states
+        for i, layer in enumerate(self.layers):
+            if self.all_layers_cross or i == 0:
+                h = h + self.cross_attn[i].unpool(h, slots, layout.source_patch)
+            h = layer(h, rope, layout.byte_mask)
+        return self.output(self.norm(h)).float()
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """Initialise every parameter in place; call after ``to_empty`` on a meta-built model."""
+    for sub in module.modules():
+        if isinstance(sub, (nn.Linear, nn.Embedding, HashNgramEmbedding)):
+            nn.init.normal_(sub.weight, mean=0.0, std=std)
+        elif isinstance(sub, RMSNorm):
+            sub.reset_parameters()
+
+
+class BLT(nn.Module):
+    def __init__(self, cfg: BLTConfig, attention_backend: str = "auto"):
+        super().__init__()
+        self.cfg = cfg
+        self.attention_backend = attention_backend
+        self.encoder = LocalEncoder(cfg)
+        self.global_model = GlobalTransformer(cfg)
+        self.decoder = LocalDecoder(cfg)
+
+    def init_weights(self) -> None:
+        init_weights(self, self.cfg.init_std)
+
+    def forward(self, tokens: torch.Tensor, patch_lengths: torch.Tensor) -> torch.Tensor:
+        """tokens: (B, T) byte ids; patch_lengths: (B, P), each row summing to T, zero-padded on
+        the right. Returns fp32 logits (B, T, vocab) predicting the next byte."""
+        backend = resolve_backend(self.attention_backend, tokens.device)
+        layout = PatchLayout.build(tokens, patch_lengths, self.cfg.local_window, backend)
+        byte_states, slots = self.encoder(tokens, layout)
+        patch_states = self.global_model(slots.flatten(-2), layout)
+        return self.decoder(byte_states, patch_states, layout)
+
+
+class ByteLM(nn.Module):
+    """The entropy model: a small causal byte LM whose next-byte entropy places patch boundaries."""
+
+    def __init__(self, cfg: EntropyModelConfig, attention_backend: str = "auto"):
+        super().__init__()
+        self.cfg = cfg
+        self.attention_backend = attention_backend
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = _blocks(cfg.layers, cfg.dim, cfg.heads, cfg.kv_heads, cfg.ffn_dim, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+
+    def init_weights(self) -> None:
+        init_weights(self, self.cfg.init_std)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        backend = resolve_backend(self.attention_backend, tokens.device)
+        mask = SelfAttentionMask(document_ids(tokens), self.cfg.window, backend)
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        rope = rotary_table(positions, self.cfg.dim // self.cfg.heads, self.cfg.rope_theta)
+        h = self.embedding(tokens)
+        for layer in self.layers:
+            h = layer(h, rope, mask)
+        return self.output(self.norm(h)).float()
+
+    @torch.no_grad()
+    def entropies(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Entropy in nats of the predicted distribution of the next byte, (B, T)."""
+        log_probs = torch.log_softmax(self.forward(tokens), dim=-1)
+        return -(log_probs.exp() * log_probs).sum(dim=-1)

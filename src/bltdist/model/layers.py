@@ -1,0 +1,125 @@
+"""Building blocks shared by every part of BLT: norm, rotary embedding, attention, SwiGLU."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bltdist.model.attention import (
+    SelfAttentionMask,
+    attention,
+    byte_to_slot_attention,
+    patch_pool_attention,
+)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 even under bf16: the variance of wide activations overflows bf16 precision.
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rotary_table(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (T, head_dim // 2) for the given positions."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate adjacent channel pairs (2i, 2i+1) of x: (B, T, H, D), the BLT reference convention."""
+    cos, sin = (t[None, :, None, :].to(x.dtype) for t in rope)
+    pairs = x.unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, kv_heads: int):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.q_proj = nn.Linear(dim, heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * self.head_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, rope, mask: SelfAttentionMask) -> torch.Tensor:
+        q = apply_rotary(self.q_proj(x).unflatten(-1, (self.heads, self.head_dim)), rope)
+        k = apply_rotary(self.k_proj(x).unflatten(-1, (self.kv_heads, self.head_dim)), rope)
+        v = self.v_proj(x).unflatten(-1, (self.kv_heads, self.head_dim))
+        return self.o_proj(attention(q, k, v, mask).flatten(-2))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm attention + SwiGLU; the unit that activation checkpointing and FSDP wrap."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, ffn_dim: int, eps: float):
+        super().__init__()
+        self.attn_norm = RMSNorm(dim, eps)
+        self.attn = SelfAttention(dim, heads, kv_heads)
+        self.ffn_norm = RMSNorm(dim, eps)
+        self.ffn = SwiGLU(dim, ffn_dim)
+
+    def forward(self, x: torch.Tensor, rope, mask: SelfAttentionMask) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, mask)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class CrossAttention(nn.Module):
+    """Byte-patch cross-attention with normed queries and keys and no positions.
+
+    ``double_residual`` reproduces the reference, whose cross-attention returns x + attn(x) to a
+    caller that adds x again.
+    """
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, eps: float, double_residual: bool):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.double_residual = double_residual
+        self.q_norm = RMSNorm(dim, eps)
+        self.kv_norm = RMSNorm(dim, eps)
+        self.q_proj = nn.Linear(dim, heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * self.head_dim, dim, bias=False)
+
+    def _project(self, queries: torch.Tensor, keys_values: torch.Tensor):
+        q = self.q_proj(self.q_norm(queries)).unflatten(-1, (self.heads, self.head_dim))
+        kv = self.kv_norm(keys_values)
+        k = self.k_proj(kv).unflatten(-1, (self.kv_heads, self.head_dim))
+        v = self.v_proj(kv).unflatten(-1, (self.kv_heads, self.head_dim))
+        return q, k, v
+
+    def _output(self, attended: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        out = self.o_proj(attended.flatten(-2))
+        return out + queries if self.double_residual else out
+
+    def pool(self, slots: torch.Tensor, byte_states: torch.Tensor, patch_ids: torch.Tensor) -> torch.Tensor:
+        """slots: (B, P, S, dim) attend to their own patch's bytes in byte_states: (B, T, dim)."""
+        q, k, v = self._project(slots, byte_states)
+        return self._output(patch_pool_attention(q, k, v, patch_ids), slots)
+
+    def unpool(self, byte_states: torch.Tensor, slots: torch.Tensor, source_patch: torch.Tensor) -> torch.Tensor:
+        """byte_states: (B, T, dim) attend to the slots (B, P, S, dim) of patch source_patch[t]."""
+        q, k, v = self._project(byte_states, slots)
+        return self._output(byte_to_slot_attention(q, k, v, source_patch), byte_states)
