@@ -1,0 +1,172 @@
+"""Patch boundaries for the global model, computed on whole batches with tensor ops.
+
+A patching is a boolean ``starts`` tensor (B, T), True where a patch begins. Every rule below
+is a mask operation over the batch, so patching a long packed batch costs a few kernel calls.
+
+Document boundaries: patches never cross a document boundary. Each BOS token is a patch of its
+own and the byte after it always starts a new patch; since every document begins with BOS, no
+patch can hold bytes of two documents. This matters because the decoder feeds the bytes of patch
+j+1 from the global output of patch j: with that lag kept inside a document, no byte is ever
+predicted from another document's patch. Sequence position 0 counts as BOS-like (the start of a
+packed sequence may be the middle of a document): positions 0 and 1 always start patches, which
+is also what the Hugging Face BLT port does.
+"""
+
+import torch
+
+# Token convention: 0 = BOE/padding, 1 = BOS, 2 = EOS, 3 reserved, byte b -> b + BYTE_OFFSET.
+BOS_ID = 1
+EOS_ID = 2
+BYTE_OFFSET = 4
+
+PATCH_MODES = ("static", "space", "entropy")
+THRESHOLD_MODES = ("global", "monotonic")
+
+
+def patch_starts(
+    tokens: torch.Tensor,
+    mode: str,
+    *,
+    patch_size: int = 4,
+    entropies: torch.Tensor | None = None,
+    threshold: float | None = None,
+    threshold_mode: str = "global",
+    max_patch_length: int | None = None,
+) -> torch.Tensor:
+    """Boolean (B, T) mask of patch starts for token ids ``tokens`` (B, T).
+
+    Modes:
+      - ``static``: a patch every ``patch_size`` bytes, counted from the byte after the last BOS
+        (or after position 0 for a sequence that starts inside a document).
+      - ``space``: the BLT reference's space patching (SpaceByte's rule). A byte is space-like
+        unless it is an ASCII letter or digit or a UTF-8 continuation byte (0x80-0xBF); special
+        tokens are space-like. A patch ends at the first space-like byte of each run of space-like
+        bytes and after every special token, so ``hello world`` gives ``hello `` and ``world``.
+      - ``entropy``: ``entropies`` (B, T) holds H(t), the entropy of the prediction of byte t+1.
+        ``threshold_mode="global"``: byte t+1 starts a patch when H(t) > threshold;
+        ``"monotonic"``: when H(t) - H(t-1) > threshold. H(0) is never compared on its own
+        (position 1 starts anyway), exactly as in the Hugging Face port.
+
+    Then, in every mode: positions 0 and 1 start patches, every BOS is a patch of its own, and
+    with ``max_patch_length`` longer patches are cut into pieces of that length (the last piece
+    of each patch shorter).
+    """
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must be (batch, seq_len), got shape {tuple(tokens.shape)}")
+    if mode == "static":
+        if patch_size < 1:
+            raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+        starts = _static_starts(tokens, patch_size)
+    elif mode == "space":
+        starts = _space_starts(tokens)
+    elif mode == "entropy":
+        starts = _entropy_starts(tokens, entropies, threshold, threshold_mode)
+    else:
+        raise ValueError(f"unknown patching mode {mode!r}; expected one of {', '.join(PATCH_MODES)}")
+    starts |= _document_starts(tokens)
+    if max_patch_length is not None:
+        if max_patch_length < 1:
+            raise ValueError(f"max_patch_length must be >= 1, got {max_patch_length}")
+        starts = _split_long_patches(starts, max_patch_length)
+    return starts
+
+
+def patch_lengths(starts: torch.Tensor) -> torch.Tensor:
+    """Patch lengths (B, P) from a starts mask, right-padded with 0 to the batch's largest count."""
+    batch, seq_len = starts.shape
+    if seq_len == 0:
+        return torch.zeros(batch, 0, dtype=torch.long, device=starts.device)
+    if not bool(starts[:, 0].all()):
+        raise ValueError("every row of starts must begin a patch at position 0")
+    ids = patch_ids(starts)
+    num_patches = int(ids[:, -1].max()) + 1
+    lengths = torch.zeros(batch, num_patches, dtype=torch.long, device=starts.device)
+    return lengths.scatter_add_(1, ids, torch.ones_like(ids))
+
+
+def patch_ids(starts: torch.Tensor) -> torch.Tensor:
+    """Index (B, T) of the patch each position belongs to."""
+    return torch.cumsum(starts.long(), dim=1) - 1
+
+
+def starts_from_lengths(lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Inverse of :func:`patch_lengths`: zero lengths (padding) are ignored."""
+    if not bool((lengths.sum(dim=1) == seq_len).all()):
+        raise ValueError(f"patch lengths must sum to seq_len={seq_len} in every row")
+    first_positions = torch.cumsum(lengths, dim=1) - lengths
+    # Zero-length entries are sent to a scratch column past the end so they cannot mark anything.
+    targets = torch.where(lengths > 0, first_positions, seq_len)
+    starts = torch.zeros(lengths.shape[0], seq_len + 1, dtype=torch.bool, device=lengths.device)
+    starts.scatter_(1, targets, True)
+    return starts[:, :seq_len]
+
+
+def document_ids(tokens: torch.Tensor) -> torch.Tensor:
+    """Number of BOS tokens at or before each position: a partial first document has id 0."""
+    return torch.cumsum((tokens == BOS_ID).long(), dim=1)
+
+
+def _bos_like(tokens: torch.Tensor) -> torch.Tensor:
+    bos_like = tokens == BOS_ID
+    bos_like[:, :1] = True
+    return bos_like
+
+
+def _last_index_where(mask: torch.Tensor) -> torch.Tensor:
+    """For each position, the latest position at or before it where ``mask`` holds (mask[:, 0] must hold)."""
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return torch.cummax(torch.where(mask, positions, 0), dim=1).values
+
+
+def _static_starts(tokens: torch.Tensor, patch_size: int) -> torch.Tensor:
+    positions = torch.arange(tokens.shape[1], device=tokens.device)
+    offset_after_bos = positions - _last_index_where(_bos_like(tokens)) - 1
+    return offset_after_bos % patch_size == 0
+
+
+def _space_starts(tokens: torch.Tensor) -> torch.Tensor:
+    byte = tokens - BYTE_OFFSET
+    word_byte = (
+        ((byte >= ord("0")) & (byte <= ord("9")))
+        | ((byte >= ord("A")) & (byte <= ord("Z")))
+        | ((byte >= ord("a")) & (byte <= ord("z")))
+        | ((byte >= 0x80) & (byte < 0xC0))  # UTF-8 continuation bytes stay with their character
+    )
+    space_like = ~word_byte  # special tokens have byte < 0, so they are space-like too
+    ends = space_like.clone()
+    ends[:, 1:] &= ~space_like[:, :-1]
+    ends |= tokens < BYTE_OFFSET
+    starts = torch.zeros_like(ends)
+    starts[:, 1:] = ends[:, :-1]
+    return starts
+
+
+def _entropy_starts(
+    tokens: torch.Tensor, entropies: torch.Tensor | None, threshold: float | None, threshold_mode: str
+) -> torch.Tensor:
+    if entropies is None or threshold is None:
+        raise ValueError("entropy patching needs both entropies and threshold")
+    if entropies.shape != tokens.shape:
+        raise ValueError(f"entropies shape {tuple(entropies.shape)} != tokens shape {tuple(tokens.shape)}")
+    starts = torch.zeros(tokens.shape, dtype=torch.bool, device=tokens.device)
+    # H(t) for t in 1..T-2 decides position t+1; H(T-1) is about a byte outside the sequence.
+    if threshold_mode == "global":
+        starts[:, 2:] = entropies[:, 1:-1] > threshold
+    elif threshold_mode == "monotonic":
+        starts[:, 2:] = (entropies[:, 1:-1] - entropies[:, :-2]) > threshold
+    else:
+        raise ValueError(f"unknown threshold_mode {threshold_mode!r}; expected one of {', '.join(THRESHOLD_MODES)}")
+    return starts
+
+
+def _document_starts(tokens: torch.Tensor) -> torch.Tensor:
+    bos_like = _bos_like(tokens)
+    starts = bos_like.clone()
+    starts[:, 1:] |= bos_like[:, :-1]
+    return starts
+
+
+def _split_long_patches(starts: torch.Tensor, max_patch_length: int) -> torch.Tensor:
+    positions = torch.arange(starts.shape[1], device=starts.device)
+    offset_in_patch = positions - _last_index_where(starts)
+    return starts | (offset_in_patch % max_patch_length == 0)
