@@ -1,5 +1,4 @@
 import json
-import os
 import sys
 import time
 import zlib
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from bltdist.data import PackedByteLoader, build_datasets, iter_documents, list_files, load_documents, split_documents
+from bltdist.data import sources
 from bltdist.errors import DataError
 from bltdist.patching import BOS_ID, EOS_ID
 
@@ -123,10 +123,19 @@ def test_missing_pyarrow_says_how_to_install_it(tmp_path, monkeypatch):
     assert_data_error(tmp_path / "t.parquet", "pip install pyarrow")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
-def test_unreadable_files_are_skipped_in_directories(tmp_path):
+def test_unreadable_files_are_skipped_in_directories(tmp_path, monkeypatch):
     write(tmp_path / "ok.txt", "fine")
-    write(tmp_path / "locked.txt", "secret").chmod(0)
+    locked = write(tmp_path / "locked.txt", "secret")
+    locked.chmod(0)
+    # Root reads files whatever their mode (CI runs as root), so the refusal is also simulated.
+    real_open = open
+
+    def refusing_open(file, *args, **kwargs):
+        if Path(file) == locked:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(sources, "open", refusing_open, raising=False)
     assert [f.name for f in list_files(str(tmp_path))] == ["ok.txt"]
 
 

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from bltdist.errors import UserError
@@ -63,7 +63,7 @@ def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
         raise UserError(f"{weights_file}: not found; expected a bltdist model directory (config.yaml + {WEIGHTS_FILE})")
     try:
         tensors = load_file(weights_file)
-    except (SafetensorsError, OSError) as error:
+    except (SafetensorError, OSError) as error:
         raise UserError(f"{weights_file}: cannot be read ({error}); the file may be truncated, re-copy it") from error
     expected = model.state_dict()
     problems = [f"missing tensor {name}" for name in expected if name not in tensors]

@@ -161,7 +161,7 @@ class TrainConfig:
     activation_checkpointing: bool = setting(False, "recompute activations in the backward pass")
     compile: bool = setting(False, "torch.compile the blocks")
     val_interval: int = setting(100, "steps between validations; 0 = only at start and end", ge=0)
-    val_batches: int = setting(8, "micro-batches per validation", ge=1)
+    val_batches: int = setting(8, "global batches (train.global_batch_size sequences) per validation", ge=1)
 
 
 @dataclasses.dataclass
