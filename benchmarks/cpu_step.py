@@ -103,7 +103,7 @@ def main() -> None:
     reference = hf_model()
 
     def hf_step():
-        logits = reference(input_ids=tokens, patch_lengths=lengths).logits
+        logits = reference(input_ids=tokens, patch_lengths=lengths, use_cache=False).logits
         F.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
         reference.zero_grad(set_to_none=True)
 

@@ -1,6 +1,5 @@
 import json
 import sys
-import time
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -139,11 +138,9 @@ def test_unreadable_files_are_skipped_in_directories(tmp_path, monkeypatch):
     assert [f.name for f in list_files(str(tmp_path))] == ["ok.txt"]
 
 
-def test_embedded_corpus_loads_fast_with_both_splits():
-    start = time.perf_counter()
+def test_embedded_corpus_has_both_splits():
     train, val = build_datasets(None, "text", 0.02)
-    elapsed = time.perf_counter() - start
-    assert train and val and elapsed < 5.0
+    assert train and val and len(train) > 10 * len(val)
     files = list_files(None)
     assert all(f.suffix == ".py" for f in files)
     assert not any({"test", "tests", "idle_test", "site-packages"} & set(f.parts) for f in files)

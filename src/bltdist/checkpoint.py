@@ -33,13 +33,18 @@ def _fsync_dir(path: Path) -> None:
 
 def save_model_dir(model: torch.nn.Module, cfg, path: str | Path) -> Path:
     """Write ``model``'s weights and ``cfg`` to ``path`` atomically; returns the final path."""
+    return save_weights_dir(model.state_dict(), cfg, path)
+
+
+def save_weights_dir(tensors: dict[str, torch.Tensor], cfg, path: str | Path) -> Path:
+    """Write full (gathered) weights by name and ``cfg`` to ``path`` atomically; returns the final path."""
     from bltdist.config import save_config
 
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+        tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
         save_file(tensors, staging / WEIGHTS_FILE)
         save_config(cfg, staging / CONFIG_FILE)
         for file in staging.iterdir():

@@ -177,6 +177,7 @@ class ParallelConfig:
         "1F1B", "pipeline schedule", choices=("GPipe", "1F1B", "Interleaved1F1B", "ZBVZeroBubble")
     )
     pp_microbatches: int | None = setting(None, "pipeline microbatches; null = the schedule's default", ge=1)
+    timeout_seconds: float = setting(600.0, "collective timeout: a rank waiting longer fails the run", gt=0)
 
 
 @dataclasses.dataclass

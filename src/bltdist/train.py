@@ -7,7 +7,7 @@ starts; such problems print one message and exit with code 2.
 
 from __future__ import annotations
 
-import contextlib
+import datetime
 import math
 import os
 import sys
@@ -18,19 +18,34 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from bltdist.checkpoint import load_model_weights, save_model_dir
-from bltdist.config import Config, grad_accum_steps, data_parallel_size, load_config, parse_args, save_config, validate_world
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from bltdist.checkpoint import load_model_weights, save_weights_dir
+from bltdist.config import Config, grad_accum_steps, load_config, parse_args, save_config
 from bltdist.data import PackedByteLoader, build_datasets
 from bltdist.errors import UserError
 from bltdist.flops import peak_tflops, training_flops_per_byte
 from bltdist.metrics import MetricsLogger, peak_memory_gb
 from bltdist.model import BLT, ByteLM
 from bltdist.model.layers import TransformerBlock
+from bltdist.parallel import (
+    ParallelDims,
+    apply_fsdp,
+    apply_tensor_parallel,
+    build_mesh,
+    check_layout,
+    clip_grad_norm,
+    full_state_dict,
+    pad_patch_lengths,
+)
 from bltdist.patching import patch_lengths, patch_starts
 
 
 def build_model(cfg: Config, device: torch.device) -> torch.nn.Module:
-    """Build on the meta device, then allocate on ``device`` and initialise from the seed."""
+    """Build on the meta device, then allocate on ``device`` and initialise from the seed.
+
+    Every rank initialises the whole model from the same seed before it is sharded, so any
+    layout starts from exactly the weights of a single-process run."""
     with torch.device("meta"):
         model = BLT(cfg.model.blt) if cfg.model.arch == "blt" else ByteLM(cfg.model.entropy)
     model.to_empty(device=device)
@@ -111,45 +126,80 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -
     )
 
 
-def forward_loss(model, tokens, targets, patcher: Patcher | None, autocast) -> tuple[torch.Tensor, int]:
-    """Summed byte cross-entropy in nats and the number of patches of the micro-batch."""
-    if patcher is None:
-        with autocast:
-            logits = model(tokens)
-        num_patches = tokens.numel()
-    else:
-        lengths = patcher(tokens)
-        with autocast:
-            logits = model(tokens, lengths)
-        num_patches = int((lengths > 0).sum())
-    loss_sum = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
-    return loss_sum, num_patches
+class Stepper:
+    """Runs micro-batches through the parallelised model: patching, forward, loss, backward.
+
+    Loss scaling: a rank's backward loss is its summed byte cross-entropy divided by the bytes of
+    the whole global batch, times the number of ranks FSDP averages gradients over. That average
+    is then the gradient of the global mean loss, whatever the layout and accumulation.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, dims: ParallelDims, patcher: Patcher | None, autocast):
+        self.model, self.patcher, self.autocast = model, patcher, autocast
+        self.patch_multiple = dims.tp  # sequence parallelism splits the patch sequence evenly
+        self.loss_scale = dims.dp_cp / (cfg.train.global_batch_size * cfg.train.seq_len)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Summed byte cross-entropy (nats) of the micro-batch and its number of real patches."""
+        if self.patcher is None:
+            with self.autocast:
+                logits = self.model(tokens)
+            num_patches = tokens.numel()
+        else:
+            lengths = self.patcher(tokens)
+            num_patches = int((lengths > 0).sum())
+            with self.autocast:
+                logits = self.model(tokens, pad_patch_lengths(lengths, self.patch_multiple))
+        loss_sum = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+        return loss_sum, num_patches
+
+    def forward_backward(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
+        loss_sum, num_patches = self.forward(tokens, targets)
+        (loss_sum * self.loss_scale).backward()
+        return float(loss_sum.detach()), num_patches
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor.tolist()
+class Reporter:
+    """Sums per-rank figures over the world, counting each data-parallel shard of the batch once:
+    tensor-parallel ranks repeat the same loss, so only their first rank contributes."""
+
+    def __init__(self, mesh, device: torch.device):
+        self.device = device
+        self.contributes = mesh is None or mesh["tp"].get_local_rank() == 0
+
+    def sum(self, values: list[float]) -> list[float]:
+        tensor = torch.tensor(values if self.contributes else [0.0] * len(values), dtype=torch.float64)
+        if dist.is_initialized():
+            tensor = tensor.to(self.device)
+            dist.all_reduce(tensor)
+        return tensor.tolist()
 
 
 @torch.no_grad()
-def evaluate(model, documents, cfg: Config, dp_rank: int, dp_size: int, accum: int, patcher, autocast, device) -> float:
+def evaluate(stepper: Stepper, reporter: Reporter, documents, cfg: Config, dp_rank: int, dp_size: int,
+             accum: int, device) -> float:  # fmt: skip
     """Mean held-out loss in nats per byte over the first ``val_batches`` global batches of the
     held-out stream: the same sequences whatever the layout, split across ranks like training."""
     loader = PackedByteLoader(
         documents, cfg.train.seq_len, cfg.train.micro_batch_size, dp_rank, dp_size, cfg.train.seed, shuffle=False
     )
-    model.eval()
-    loss_sum = byte_count = 0.0
+    stepper.model.eval()
+    loss_sum = 0.0
     for _ in range(cfg.train.val_batches * accum):
         tokens, targets = (t.to(device) for t in loader.next_batch())
-        batch_loss, _ = forward_loss(model, tokens, targets, patcher, autocast)
-        loss_sum += float(batch_loss)
-        byte_count += targets.numel()
-    model.train()
-    loss_sum, byte_count = all_reduce_sum([loss_sum, byte_count], device)
-    return loss_sum / byte_count
+        loss_sum += float(stepper.forward(tokens, targets)[0])
+    stepper.model.train()
+    byte_count = cfg.train.val_batches * cfg.train.global_batch_size * cfg.train.seq_len
+    return reporter.sum([loss_sum])[0] / byte_count
+
+
+def parallelize(model: torch.nn.Module, cfg: Config, dims: ParallelDims, mesh, bf16: bool) -> None:
+    """torchtitan's order: tensor parallel, activation checkpointing and compile, then FSDP."""
+    if dims.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"])
+    apply_activation_checkpointing_and_compile(model, cfg)
+    if dims.uses_fsdp:
+        apply_fsdp(model, mesh.fsdp, bf16=bf16)
 
 
 def train(cfg: Config, train_docs: list[bytes], val_docs: list[bytes]) -> None:
@@ -159,9 +209,13 @@ def train(cfg: Config, train_docs: list[bytes], val_docs: list[bytes]) -> None:
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+    dims = ParallelDims.from_config(cfg, world_size)
+    mesh = None
     if world_size > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    dp_size, dp_rank = data_parallel_size(cfg, world_size), rank
+        timeout = datetime.timedelta(seconds=cfg.parallel.timeout_seconds)
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
+        mesh = build_mesh(dims, device.type)
+    dp_rank = mesh.dp.get_local_rank() if mesh is not None else 0
     accum = grad_accum_steps(cfg, world_size)
     is_main = rank == 0
 
@@ -171,70 +225,62 @@ def train(cfg: Config, train_docs: list[bytes], val_docs: list[bytes]) -> None:
         save_config(cfg, output_dir / "config.yaml")
     logger = MetricsLogger(output_dir, cfg.train.steps, is_main)
 
+    bf16 = cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and use_cuda)
     model = build_model(cfg, device)
     param_count = sum(p.numel() for p in model.parameters())
-    apply_activation_checkpointing_and_compile(model, cfg)
-    train_model = model
-    if world_size > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None)
+    parallelize(model, cfg, dims, mesh, bf16)
     optimizer = build_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
 
-    bf16 = cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and use_cuda)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    # With FSDP, its mixed-precision policy casts parameters to bf16; autocast covers the rest.
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not dims.uses_fsdp)
     patcher = Patcher(cfg, device) if cfg.model.arch == "blt" else None
-    loader = PackedByteLoader(
-        train_docs, cfg.train.seq_len, cfg.train.micro_batch_size, dp_rank, dp_size, cfg.train.seed
-    )
+    stepper = Stepper(model, cfg, dims, patcher, autocast)
+    reporter = Reporter(mesh, device)
+    loader = PackedByteLoader(train_docs, cfg.train.seq_len, cfg.train.micro_batch_size, dp_rank, dims.dp, cfg.train.seed)
     peak = peak_tflops(torch.cuda.get_device_name(device) if use_cuda else "cpu", cfg.logging.peak_tflops)
+    layout = " x ".join(f"{name}={size}" for name, size in zip(("pp", "dp_replicate", "dp_shard", "cp", "tp"), dims.sizes()))
     logger.info(
         f"bltdist: {cfg.model.arch} model, {param_count / 1e6:.2f}M parameters, {world_size} process(es) on "
-        f"{device.type}, global batch {cfg.train.global_batch_size} x {cfg.train.seq_len} bytes, "
+        f"{device.type} ({layout}), global batch {cfg.train.global_batch_size} x {cfg.train.seq_len} bytes, "
         f"{accum} accumulation step(s), output in {output_dir}"
     )
 
     def validate(step: int) -> None:
-        val_loss = evaluate(train_model, val_docs, cfg, dp_rank, dp_size, accum, patcher, autocast, device)
+        val_loss = evaluate(stepper, reporter, val_docs, cfg, dp_rank, dims.dp, accum, device)
         logger.val_line({"step": step, "val_loss": val_loss, "val_bpb": val_loss / math.log(2)})
 
     def save(step: int) -> None:
+        weights = full_state_dict([model], None)
         if is_main:
-            path = save_model_dir(model, cfg, output_dir / "checkpoints" / f"step_{step}")
+            path = save_weights_dir(weights, cfg, output_dir / "checkpoints" / f"step_{step}")
             logger.info(f"checkpoint written: {path}")
 
     validate(0)
-    window = {"loss": 0.0, "bytes": 0.0, "patches": 0.0, "steps": 0, "start": time.perf_counter()}
+    step_bytes = cfg.train.global_batch_size * cfg.train.seq_len
+    window = {"loss": 0.0, "patches": 0.0, "steps": 0, "start": time.perf_counter()}
     run_start = time.perf_counter()
     for step in range(1, cfg.train.steps + 1):
-        loss_sum = patch_count = 0.0
         for micro in range(accum):
             tokens, targets = (t.to(device, non_blocking=True) for t in loader.next_batch())
-            last_micro = micro == accum - 1
-            sync = contextlib.nullcontext() if last_micro or world_size == 1 else train_model.no_sync()
-            with sync:
-                batch_loss, num_patches = forward_loss(train_model, tokens, targets, patcher, autocast)
-                # Mean over this rank's bytes of the step; DDP then averages over ranks, so the
-                # gradient is that of the mean over the global batch, whatever the layout.
-                (batch_loss / (targets.numel() * accum)).backward()
-            loss_sum += float(batch_loss.detach())
-            patch_count += num_patches
+            if dims.uses_fsdp:
+                # Reduce-scatter gradients once per optimizer step, not once per micro-batch.
+                model.set_requires_gradient_sync(micro == accum - 1)
+            loss_sum, num_patches = stepper.forward_backward(tokens, targets)
+            window["loss"] += loss_sum
+            window["patches"] += num_patches
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+        grad_norm = clip_grad_norm(list(model.parameters()), clip, world_size // dims.pp)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-
-        step_bytes = cfg.train.micro_batch_size * cfg.train.seq_len * accum
-        window["loss"] += loss_sum
-        window["bytes"] += step_bytes
-        window["patches"] += patch_count
         window["steps"] += 1
+
         if step % cfg.logging.interval == 0 or step == cfg.train.steps:
-            loss_total, bytes_total, patches_total = all_reduce_sum(
-                [window["loss"], window["bytes"], window["patches"]], device
-            )
+            loss_total, patches_total = reporter.sum([window["loss"], window["patches"]])
             elapsed = time.perf_counter() - window["start"]
+            bytes_total = step_bytes * window["steps"]
             loss = loss_total / bytes_total
             avg_patch_len = bytes_total / patches_total if patcher is not None else None
             bytes_per_sec = bytes_total / elapsed
@@ -254,7 +300,7 @@ def train(cfg: Config, train_docs: list[bytes], val_docs: list[bytes]) -> None:
                 "mfu": tflops / peak if peak else None,
             }
             logger.train_line(record, (time.perf_counter() - run_start) / step)
-            window = {"loss": 0.0, "bytes": 0.0, "patches": 0.0, "steps": 0, "start": time.perf_counter()}
+            window = {"loss": 0.0, "patches": 0.0, "steps": 0, "start": time.perf_counter()}
         if cfg.train.val_interval and step % cfg.train.val_interval == 0 and step != cfg.train.steps:
             validate(step)
         if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step != cfg.train.steps:
@@ -273,12 +319,13 @@ def check_model_dir(key: str, path: str) -> None:
         raise UserError(f"{key}: {path} is not a bltdist model directory (missing {', '.join(missing)})")
 
 
+@record
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:
         config_path, overrides = parse_args(argv)
         cfg = load_config(config_path, overrides)
-        validate_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        check_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         if cfg.patching.mode == "entropy" and cfg.model.arch == "blt":
             check_model_dir("patching.entropy_model", cfg.patching.entropy_model)
         if cfg.checkpoint.init_from:
@@ -286,8 +333,10 @@ def main(argv: list[str] | None = None) -> None:
         train_docs, val_docs = build_datasets(cfg.data.path, cfg.data.text_field, cfg.data.val_fraction)
         train(cfg, train_docs, val_docs)
     except UserError as error:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"bltdist-train: error: {error}", file=sys.stderr)
+        # Once per node: inputs such as data paths can differ between nodes.
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            where = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+            print(f"bltdist-train: error: {where}{error}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -53,9 +53,11 @@ class SelfAttention(nn.Module):
         self.o_proj = nn.Linear(heads * self.head_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, rope, mask: SelfAttentionMask) -> torch.Tensor:
-        q = apply_rotary(self.q_proj(x).unflatten(-1, (self.heads, self.head_dim)), rope)
-        k = apply_rotary(self.k_proj(x).unflatten(-1, (self.kv_heads, self.head_dim)), rope)
-        v = self.v_proj(x).unflatten(-1, (self.kv_heads, self.head_dim))
+        # Head counts are read off the projections' widths, so a tensor-parallel shard holding
+        # heads / tp of them runs this same code.
+        q = apply_rotary(self.q_proj(x).unflatten(-1, (-1, self.head_dim)), rope)
+        k = apply_rotary(self.k_proj(x).unflatten(-1, (-1, self.head_dim)), rope)
+        v = self.v_proj(x).unflatten(-1, (-1, self.head_dim))
         return self.o_proj(attention(q, k, v, mask).flatten(-2))
 
 
@@ -104,10 +106,11 @@ class CrossAttention(nn.Module):
         self.o_proj = nn.Linear(heads * self.head_dim, dim, bias=False)
 
     def _project(self, queries: torch.Tensor, keys_values: torch.Tensor):
-        q = self.q_proj(self.q_norm(queries)).unflatten(-1, (self.heads, self.head_dim))
+        # Head counts come from the projections' widths, as in SelfAttention (tensor-parallel shards).
+        q = self.q_proj(self.q_norm(queries)).unflatten(-1, (-1, self.head_dim))
         kv = self.kv_norm(keys_values)
-        k = self.k_proj(kv).unflatten(-1, (self.kv_heads, self.head_dim))
-        v = self.v_proj(kv).unflatten(-1, (self.kv_heads, self.head_dim))
+        k = self.k_proj(kv).unflatten(-1, (-1, self.head_dim))
+        v = self.v_proj(kv).unflatten(-1, (-1, self.head_dim))
         return q, k, v
 
     def _output(self, attended: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,74 @@
+"""What needs every shard and every pipeline stage at once: the global gradient norm and the full
+weights.
+
+A parameter's gradient lives on some ranks as shards (FSDP, TP) and is repeated on others
+(dp_replicate, TP ranks for parameters TP leaves whole, or every rank of a stage without FSDP).
+Each rank adds the squared norm of its local piece divided by how many ranks of its pipeline
+stage hold that same piece; one all-reduce over the world then counts every element exactly once,
+and pipeline stages, which hold different parameters, add up.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.tensor import DTensor
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _distinct_shards(tensor: torch.Tensor) -> int:
+    if not isinstance(tensor, DTensor):
+        return 1
+    # Anything but Replicate splits the tensor: FSDP over TP uses _StridedShard, which is neither a
+    # Shard subclass nor is_shard() in every PyTorch version. Gradients are never Partial here.
+    return math.prod(tensor.device_mesh.size(dim) for dim, p in enumerate(tensor.placements) if not p.is_replicate())
+
+
+@torch.no_grad()
+def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float, stage_size: int) -> float:
+    """Scale gradients in place so that their global norm is at most ``max_norm``; returns the norm
+    before clipping. ``stage_size`` = ranks per pipeline stage (world size / pp)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    squared = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else "cpu")
+    for grad in grads:
+        copies = stage_size // _distinct_shards(grad)
+        squared += _local(grad).double().square().sum() / copies
+    if dist.is_initialized():
+        dist.all_reduce(squared)
+    total = float(squared.sqrt())
+    if math.isfinite(max_norm) and total > max_norm:
+        coefficient = max_norm / (total + 1e-6)
+        for grad in grads:
+            _local(grad).mul_(coefficient)
+    return total
+
+
+def full_state_dict(model_parts: list[nn.Module], pp_group: dist.ProcessGroup | None) -> dict[str, torch.Tensor]:
+    """The whole model's weights on every rank, on CPU, under their single-process names.
+
+    Collective over the world: DTensors are gathered with ``full_tensor`` and the parts of other
+    pipeline stages arrive by all_gather_object over the pipeline group.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    for part in model_parts:
+        for name, tensor in part.state_dict().items():
+            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+            tensors[_clean_name(name)] = full.detach().cpu()
+    if pp_group is not None and dist.get_world_size(pp_group) > 1:
+        gathered: list[dict] = [None] * dist.get_world_size(pp_group)  # type: ignore[list-item]
+        dist.all_gather_object(gathered, tensors, group=pp_group)
+        tensors = {name: tensor for stage in gathered for name, tensor in stage.items()}
+    return tensors
+
+
+def _clean_name(name: str) -> str:
+    # Activation-checkpoint and compile wrappers insert these into parameter names.
+    for wrapper in ("_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(wrapper, "")
+    return name

@@ -1,0 +1,154 @@
+"""Every parallel layout is proven by numbers: real gloo processes on CPU, compared with one process
+running the same model, seed and global batch (fp32)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bltdist.config import load_config
+from bltdist.errors import ConfigError
+from bltdist.parallel import check_layout
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Widths divisible by 2 everywhere, so every dimension can be 2. Several documents per sequence
+# come from the corpus below; static patches of 3 put patch edges at varied byte offsets.
+MODEL = [
+    "--model.blt.local_dim=32", "--model.blt.local_heads=2", "--model.blt.encoder_layers=1",
+    "--model.blt.decoder_layers=2", "--model.blt.global_dim=64", "--model.blt.global_heads=2",
+    "--model.blt.global_layers=4", "--model.blt.hash_vocab=64", "--model.blt.local_window=16",
+    "--model.blt.hash_ngram_sizes=[3,4]", "--model.blt.encoder_ffn_dim=64", "--model.blt.decoder_ffn_dim=64",
+    "--model.blt.global_ffn_dim=128", "--patching.patch_size=3",
+]  # fmt: skip
+TRAIN = [
+    "--train.seq_len=64", "--train.global_batch_size=8", "--train.steps=5", "--train.val_batches=1",
+    "--train.val_interval=0", "--logging.interval=1", "--optim.warmup_steps=2", "--optim.grad_clip=0.5",
+    "--checkpoint.interval=1",
+]  # fmt: skip
+
+
+def run(args: list[str], nproc: int, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if nproc == 1:
+        command = [sys.executable, "-m", "bltdist.train", *args]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   "-m", "bltdist.train", *args]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+def train_lines(output_dir: Path) -> list[dict]:
+    lines = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [line for line in lines if "loss" in line]
+
+
+def weights_at(output_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(output_dir / "checkpoints" / f"step_{step}" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    for i in range(12):
+        words = " ".join(f"w{(i * 7 + j * 3) % 23}" for j in range(20 + 9 * i))
+        (root / f"doc{i:02d}.txt").write_text(f"document {i}: {words}\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single")
+    result = run([*MODEL, *TRAIN, "--train.micro_batch_size=4", f"--data.path={corpus}", f"--output_dir={out}"], 1)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def assert_matches_reference(reference: Path, out: Path) -> None:
+    expected, got = train_lines(reference), train_lines(out)
+    assert len(got) == len(expected) == 5
+    for a, b in zip(expected, got):
+        # Adam hides a wrongly scaled gradient in the weights; the global gradient norm does not.
+        for key in ("loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), f"{key} at step {a['step']}: {b[key]} vs {a[key]}"
+    single, parallel = weights_at(reference, 1), weights_at(out, 1)
+    assert parallel.keys() == single.keys()
+    # Adam's first update is lr * g / (|g| + eps): where a gradient is near eps, a 1e-7 relative
+    # difference in the summation order moves the update by far more, so an absolute floor of
+    # 1e-6 (5e-5 of the init scale) accompanies the 1e-5 relative bound.
+    for name, tensor in single.items():
+        torch.testing.assert_close(parallel[name], tensor, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+LAYOUTS = {
+    "dp_shard=2": (2, ["--parallel.dp_shard=2"]),
+    "dp_replicate=2 x dp_shard=2": (4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"]),
+    "tp=2": (2, ["--parallel.tp=2", "--parallel.dp_shard=1"]),
+    "dp_shard=2 x tp=2": (4, ["--parallel.tp=2", "--parallel.dp_shard=2"]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_matches_single_process(layout, corpus, reference, tmp_path):
+    nproc, parallel_args = LAYOUTS[layout]
+    micro = 8 // (nproc // (2 if "tp=2" in layout else 1)) // 2
+    args = [*MODEL, *TRAIN, f"--train.micro_batch_size={micro}", *parallel_args]
+    result = run([*args, f"--data.path={corpus}", f"--output_dir={tmp_path}"], nproc)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert_matches_reference(reference, tmp_path)
+
+
+def run_gradients(out: Path, parallel_args: list[str], nproc: int) -> dict[str, torch.Tensor]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    args = [*MODEL, "--train.seq_len=64", "--train.global_batch_size=4", "--train.micro_batch_size=1", *parallel_args]
+    command = [sys.executable, *launcher, str(REPO / "tests" / "workers" / "gradients.py"), str(out), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return torch.load(out)
+
+
+@pytest.fixture(scope="module")
+def reference_gradients(tmp_path_factory) -> dict[str, torch.Tensor]:
+    return run_gradients(tmp_path_factory.mktemp("grads") / "single.pt", [], 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_gradients_match_single_process(layout, reference_gradients, tmp_path):
+    """Every parameter's gradient of one global batch, gathered, against one process."""
+    nproc, parallel_args = LAYOUTS[layout]
+    grads = run_gradients(tmp_path / "grads.pt", parallel_args, nproc)
+    assert grads.keys() == reference_gradients.keys()
+    for name, expected in reference_gradients.items():
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(grads[name], expected, rtol=1e-5, atol=1e-5 * scale, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_matches_one_big_micro_batch(corpus, reference, tmp_path):
+    """8 sequences as 4 micro-steps of 2 on one process equal the reference's 2 micro-steps of 4."""
+    result = run([*MODEL, *TRAIN, "--train.micro_batch_size=2", f"--data.path={corpus}", f"--output_dir={tmp_path}"], 1)
+    assert result.returncode == 0, result.stderr
+    assert_matches_reference(reference, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "overrides, world_size, message",
+    [
+        (["--parallel.tp=2", "--parallel.dp_shard=2"], 6, "6 process(es)"),
+        (["--parallel.dp_shard=-1", "--parallel.tp=4"], 6, "not divisible"),
+        (["--parallel.tp=3", "--parallel.dp_shard=1", "--model.blt.global_heads=8"], 3, "global_heads"),
+        (["--parallel.tp=2", "--parallel.dp_shard=1", "--train.seq_len=63"], 2, "train.seq_len"),
+    ],
+)
+def test_bad_layouts_fail_before_any_process_group(overrides, world_size, message):
+    cfg = load_config(None, [*MODEL, "--train.global_batch_size=12", "--train.micro_batch_size=1", *overrides])
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_layout(cfg, world_size)
