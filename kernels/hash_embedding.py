@@ -11,6 +11,8 @@ one program sum every position of one row (deterministic, at the price of a sort
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -18,7 +20,6 @@ import triton.language as tl
 from bltdist.model.hash_embedding import HASH_PRIMES
 
 BACKWARD_MODES = ("atomic", "sorted")
-MAX_DIM = 8192
 BLOCK_POSITIONS = 16
 
 
@@ -123,6 +124,14 @@ def _hash_embedding_sorted_backward_kernel(
              mask=dim_mask)
 
 
+@functools.cache
+def _hash_constants(num_functions: int, ngram_sizes: tuple[int, ...], device: torch.device):
+    """Primes and n-gram sizes on the device, made once: a copy from the host would stall every call."""
+    primes = [HASH_PRIMES[f % len(HASH_PRIMES)] for f in range(num_functions)]
+    return (torch.tensor(primes, dtype=torch.int64, device=device),
+            torch.tensor(ngram_sizes, dtype=torch.int32, device=device))  # fmt: skip
+
+
 def _dim_block(dim: int) -> int:
     return min(triton.next_power_of_2(dim), 256)
 
@@ -134,9 +143,7 @@ class _HashNgramEmbedding(torch.autograd.Function):
         weight = weight.contiguous()
         num_positions, seq_len, dim = tokens.numel(), tokens.shape[-1], weight.shape[1]
         num_tables = num_functions * len(ngram_sizes)
-        primes = torch.tensor([HASH_PRIMES[f % len(HASH_PRIMES)] for f in range(num_functions)],
-                              dtype=torch.int64, device=tokens.device)
-        sizes = torch.tensor(ngram_sizes, dtype=torch.int32, device=tokens.device)
+        primes, sizes = _hash_constants(num_functions, tuple(ngram_sizes), tokens.device)
         out = torch.empty(*tokens.shape, dim, dtype=weight.dtype, device=weight.device)
         rows = torch.empty(num_positions, num_tables, dtype=torch.int64, device=tokens.device)
         block_d = _dim_block(dim)
@@ -196,8 +203,6 @@ def unsupported_reason(tokens, weight, ngram_sizes, num_functions, table_size) -
     """Why the kernel cannot compute this call, or None when it can."""
     if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"table dtype {weight.dtype}"
-    if weight.shape[1] > MAX_DIM:
-        return f"embedding dim {weight.shape[1]} > {MAX_DIM}"
     if tokens.dtype not in (torch.int64, torch.int32):
         return f"token dtype {tokens.dtype}"
     return None
