@@ -168,11 +168,13 @@ def run_case(seq_len: int, shape: dict, args, device: str, timed: bool) -> dict:
                    randn(1, seq_len, heads, head_dim))  # fmt: skip
     unpool_inputs = (randn(1, seq_len, heads, head_dim), randn(1, num_patches, slots, heads, head_dim),
                      randn(1, num_patches, slots, heads, head_dim))  # fmt: skip
+    pool_grad = randn(1, num_patches, slots, heads, head_dim, requires_grad=False)
+    unpool_grad = randn(1, seq_len, heads, head_dim, requires_grad=False)
     directions = {
         "patch_pool_attention": (attention.patch_pool_attention, cross_attention.patch_pool_attention,
-                                 patch_ids, pool_inputs, randn(1, num_patches, slots, heads, head_dim, requires_grad=False)),
+                                 patch_ids, pool_inputs, pool_grad),
         "byte_to_slot_attention": (attention.byte_to_slot_attention, cross_attention.byte_to_slot_attention,
-                                   source_patch, unpool_inputs, randn(1, seq_len, heads, head_dim, requires_grad=False)),
+                                   source_patch, unpool_inputs, unpool_grad),
     }  # fmt: skip
     flex = dict(zip(directions, flex_cross_attention(layout, slots, 1, device))) if timed else {}
     for name, (reference_fn, kernel_fn, index, inputs, grad_out) in directions.items():

@@ -75,8 +75,9 @@ class HashNgramEmbedding(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         fused = kernels.fused(
-            self.kernels, "hash_ngram_embedding", tokens, self.weight, self.ngram_sizes, self.num_functions, self.table_size
-        )
+            self.kernels, "hash_ngram_embedding",
+            tokens, self.weight, self.ngram_sizes, self.num_functions, self.table_size,
+        )  # fmt: skip
         if fused is not None:
             return fused
         rows = self.table_rows(tokens)

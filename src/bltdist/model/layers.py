@@ -7,7 +7,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bltdist import kernels
-
 from bltdist.model.attention import (
     SelfAttentionMask,
     attention,
