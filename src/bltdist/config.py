@@ -80,6 +80,12 @@ class BLTConfig:
     global_final_norm: bool = setting(True, "RMSNorm after the global transformer (the released model has none)")
     cross_attn_double_residual: bool = setting(False, "add the cross-attention residual twice (released-model quirk)")
     init_std: float = setting(0.02, "standard deviation of the weight init", gt=0)
+    kernels: str = setting(
+        "auto",
+        "hash embedding and cross-attention: auto = Triton kernels on CUDA, triton = kernels wherever they run, "
+        "torch = the PyTorch reference",
+        choices=("auto", "triton", "torch"),
+    )
 
 
 @dataclasses.dataclass

@@ -95,14 +95,18 @@ class LocalEncoder(nn.Module):
         self.all_layers_cross = cfg.encoder_cross_attn_all_layers
         kv_heads = cfg.local_kv_heads or cfg.local_heads
         self.byte_embedding = nn.Embedding(cfg.vocab_size, cfg.local_dim)
-        self.hash_embedding = HashNgramEmbedding(cfg.hash_ngram_sizes, cfg.hash_functions, cfg.hash_vocab, cfg.local_dim)
+        self.hash_embedding = HashNgramEmbedding(
+            cfg.hash_ngram_sizes, cfg.hash_functions, cfg.hash_vocab, cfg.local_dim, cfg.kernels
+        )
         self.layers = _blocks(
             cfg.encoder_layers, cfg.local_dim, cfg.local_heads, cfg.local_kv_heads, cfg.encoder_ffn_dim, cfg.norm_eps
         )
         self.slot_proj = nn.Linear(cfg.local_dim, cfg.cross_attn_k * cfg.local_dim, bias=False)
         num_cross = cfg.encoder_layers if self.all_layers_cross else 1
         self.cross_attn = nn.ModuleList(
-            CrossAttention(cfg.local_dim, cfg.local_heads, kv_heads, cfg.norm_eps, cfg.cross_attn_double_residual)
+            CrossAttention(
+                cfg.local_dim, cfg.local_heads, kv_heads, cfg.norm_eps, cfg.cross_attn_double_residual, cfg.kernels
+            )
             for _ in range(num_cross)
         )
 
@@ -161,7 +165,9 @@ class LocalDecoder(nn.Module):
         self.slot_proj = nn.Linear(cfg.global_dim, cfg.cross_attn_k * cfg.local_dim, bias=False)
         num_cross = cfg.decoder_layers if self.all_layers_cross else 1
         self.cross_attn = nn.ModuleList(
-            CrossAttention(cfg.local_dim, cfg.local_heads, kv_heads, cfg.norm_eps, cfg.cross_attn_double_residual)
+            CrossAttention(
+                cfg.local_dim, cfg.local_heads, kv_heads, cfg.norm_eps, cfg.cross_attn_double_residual, cfg.kernels
+            )
             for _ in range(num_cross)
         )
         self.layers = _blocks(

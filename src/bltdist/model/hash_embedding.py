@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bltdist import kernels
+
 # The primes of the BLT reference, in order; hash function f uses HASH_PRIMES[f % len(HASH_PRIMES)].
 HASH_PRIMES = (
     1000000007,
@@ -45,10 +47,12 @@ class HashNgramEmbedding(nn.Module):
     Tables are ordered function-major (t = f * len(ngram_sizes) + index of n), the layout of the
     Hugging Face port. The lookups of all tables are summed by one embedding_bag call, so no
     per-table (B, T, dim) output and only one dense table gradient are ever materialised.
+    ``kernels`` (``auto``, ``triton``, ``torch``) picks the fused Triton kernel or this reference.
     """
 
-    def __init__(self, ngram_sizes: list[int], num_functions: int, table_size: int, dim: int):
+    def __init__(self, ngram_sizes: list[int], num_functions: int, table_size: int, dim: int, kernels: str = "auto"):
         super().__init__()
+        self.kernels = kernels
         self.ngram_sizes = list(ngram_sizes)
         self.num_functions = num_functions
         self.table_size = table_size
@@ -70,6 +74,12 @@ class HashNgramEmbedding(nn.Module):
             return torch.stack(rows, dim=-1)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        fused = kernels.fused(
+            self.kernels, "hash_ngram_embedding",
+            tokens, self.weight, self.ngram_sizes, self.num_functions, self.table_size,
+        )  # fmt: skip
+        if fused is not None:
+            return fused
         rows = self.table_rows(tokens)
         summed = F.embedding_bag(rows.flatten(0, 1), self.weight, mode="sum")
         return summed.unflatten(0, tokens.shape)

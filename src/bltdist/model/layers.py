@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bltdist import kernels
 from bltdist.model.attention import (
     SelfAttentionMask,
     attention,
@@ -91,11 +92,13 @@ class CrossAttention(nn.Module):
     """Byte-patch cross-attention with normed queries and keys and no positions.
 
     ``double_residual`` reproduces the reference, whose cross-attention returns x + attn(x) to a
-    caller that adds x again.
+    caller that adds x again. ``kernels`` (``auto``, ``triton``, ``torch``) picks the fused Triton
+    kernels or the PyTorch reference.
     """
 
-    def __init__(self, dim: int, heads: int, kv_heads: int, eps: float, double_residual: bool):
+    def __init__(self, dim: int, heads: int, kv_heads: int, eps: float, double_residual: bool, kernels: str = "auto"):
         super().__init__()
+        self.kernels = kernels
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
         self.double_residual = double_residual
         self.q_norm = RMSNorm(dim, eps)
@@ -120,9 +123,15 @@ class CrossAttention(nn.Module):
     def pool(self, slots: torch.Tensor, byte_states: torch.Tensor, patch_ids: torch.Tensor) -> torch.Tensor:
         """slots: (B, P, S, dim) attend to their own patch's bytes in byte_states: (B, T, dim)."""
         q, k, v = self._project(slots, byte_states)
-        return self._output(patch_pool_attention(q, k, v, patch_ids), slots)
+        attended = kernels.fused(self.kernels, "patch_pool_attention", q, k, v, patch_ids)
+        if attended is None:
+            attended = patch_pool_attention(q, k, v, patch_ids)
+        return self._output(attended, slots)
 
     def unpool(self, byte_states: torch.Tensor, slots: torch.Tensor, source_patch: torch.Tensor) -> torch.Tensor:
         """byte_states: (B, T, dim) attend to the slots (B, P, S, dim) of patch source_patch[t]."""
         q, k, v = self._project(byte_states, slots)
-        return self._output(byte_to_slot_attention(q, k, v, source_patch), byte_states)
+        attended = kernels.fused(self.kernels, "byte_to_slot_attention", q, k, v, source_patch)
+        if attended is None:
+            attended = byte_to_slot_attention(q, k, v, source_patch)
+        return self._output(attended, byte_states)

@@ -1,0 +1,226 @@
+"""The Triton kernels against the PyTorch reference (on CPU under TRITON_INTERPRET=1, see conftest).
+
+Every comparison uses fresh random inputs; the reference runs in fp32 on the same (rounded)
+inputs, so a bf16 kernel is held to 1e-2 and an fp32 kernel to 1e-5, relative.
+"""
+
+import pytest
+import torch
+
+from bltdist import kernels
+from bltdist.config import ConfigError, load_config
+from bltdist.kernels.cross_attention import byte_to_slot_attention, patch_pool_attention
+from bltdist.kernels.hash_embedding import hash_ngram_embedding
+from bltdist.model import BLT, PatchLayout
+from bltdist.model import attention as reference
+from bltdist.model.hash_embedding import HashNgramEmbedding
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    """Elementwise relative error within the dtype's tolerance, with an absolute floor at the
+    same fraction of the tensor's largest entry (entries near zero have no relative scale)."""
+    tolerance = TOLERANCE[dtype]
+    expected = expected.float()
+    floor = tolerance * expected.abs().max().item()
+    torch.testing.assert_close(actual.float(), expected, rtol=tolerance, atol=floor)
+
+
+def tokens_with_documents(batch: int, seq_len: int, generator: torch.Generator, docs_at=()) -> torch.Tensor:
+    tokens = torch.randint(4, 260, (batch, seq_len), generator=generator)
+    tokens[:, 0] = 1
+    for position in docs_at:
+        tokens[:, position - 1] = 2
+        tokens[:, position] = 1
+    return tokens
+
+
+@pytest.mark.parametrize("backward_mode", ["atomic", "sorted"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hash_embedding_kernel_matches_reference(dtype, backward_mode):
+    generator = torch.Generator().manual_seed(1)
+    # 37 positions (not a multiple of the 16-position block), two documents per row, a small
+    # table so that many n-grams share rows (colliding gradient updates), dim 40 (not a power of 2).
+    tokens = tokens_with_documents(2, 37, generator, docs_at=(19,)).to(DEVICE)
+    module = HashNgramEmbedding([3, 4, 5, 6, 7, 8], num_functions=2, table_size=31, dim=40, kernels="torch")
+    weight = torch.randn(module.weight.shape, generator=generator).to(DEVICE, dtype)
+    module = module.to(DEVICE)
+    module.weight.data = weight.float()
+    expected = module(tokens)
+    grad_out = torch.randn(expected.shape, generator=generator).to(DEVICE)
+    expected.backward(grad_out)
+
+    fused_weight = weight.clone().requires_grad_()
+    out = hash_ngram_embedding(tokens, fused_weight, module.ngram_sizes, 2, 31, backward_mode)
+    out.backward(grad_out.to(dtype))
+    assert out.dtype == dtype
+    assert_matches(out, expected, dtype)
+    assert_matches(fused_weight.grad, module.weight.grad, dtype)
+
+
+def test_hash_embedding_kernel_reuses_primes_and_keeps_the_table_order_of_unsorted_sizes():
+    generator = torch.Generator().manual_seed(2)
+    # 12 functions: the 12th reuses the first prime; sizes out of order and a 1-gram and a 9-gram.
+    sizes, functions, table_size = [5, 1, 9], 12, 100003
+    tokens = tokens_with_documents(1, 11, generator).to(DEVICE)
+    module = HashNgramEmbedding(sizes, functions, table_size, dim=3, kernels="torch").to(DEVICE)
+    torch.nn.init.normal_(module.weight, generator=torch.Generator(DEVICE).manual_seed(3))
+    weight = module.weight.detach().clone().requires_grad_()
+    out = hash_ngram_embedding(tokens, weight, sizes, functions, table_size)
+    expected = module(tokens)
+    assert_matches(out, expected, torch.float32)
+    out.sum().backward()
+    expected.sum().backward()
+    touched = module.weight.grad.abs().sum(-1) > 0
+    assert torch.equal(weight.grad.abs().sum(-1) > 0, touched)
+    assert_matches(weight.grad, module.weight.grad, torch.float32)
+
+
+# Patch lengths per row (each row sums to the sequence length; the first patch is the BOS byte).
+LAYOUTS = {
+    "single_byte_patches": [[1] * 21, [1] * 21],
+    "patches_at_max_patch_length": [[1] + [8] * 5, [1, 8, 8, 8, 8, 8]],
+    "one_very_long_patch": [[1, 40], [1, 40]],
+    # several documents per row (BOS at 0, 17 and 30), mixed lengths, zero-length padding patches
+    "documents_and_padding": [[1, 3, 8, 5, 1, 12, 1, 2, 4, 0, 0], [1, 16, 1, 5, 7, 1, 3, 1, 2, 0, 0]],
+}
+DOCUMENT_STARTS = {"documents_and_padding": (17, 30)}
+
+
+def build_layout(name: str, generator: torch.Generator) -> PatchLayout:
+    lengths = torch.tensor(LAYOUTS[name])
+    seq_len = int(lengths[0].sum())
+    tokens = tokens_with_documents(lengths.shape[0], seq_len, generator, DOCUMENT_STARTS.get(name, ()))
+    return PatchLayout.build(tokens.to(DEVICE), lengths.to(DEVICE), None, "sdpa")
+
+
+def run_both(reference_fn, kernel_fn, shapes, index, dtype, generator):
+    """Outputs and input gradients of the kernel (dtype) and of the reference (fp32)."""
+    inputs = [torch.randn(shape, generator=generator).to(DEVICE, dtype) for shape in shapes]
+    expected_inputs = [x.float().detach().requires_grad_() for x in inputs]
+    kernel_inputs = [x.detach().clone().requires_grad_() for x in inputs]
+    expected = reference_fn(*expected_inputs, index)
+    out = kernel_fn(*kernel_inputs, index)
+    grad_out = torch.randn(expected.shape, generator=generator).to(DEVICE, dtype)
+    expected.backward(grad_out.float())
+    out.backward(grad_out)
+    assert out.dtype == dtype
+    return (out, expected), [(x.grad, y.grad) for x, y in zip(kernel_inputs, expected_inputs)]
+
+
+HEADS, KV_HEADS, HEAD_DIM = 4, 2, 24  # grouped key/value heads, head dim not a power of 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout_name", list(LAYOUTS))
+def test_patch_pool_kernel_matches_reference(layout_name, dtype):
+    generator = torch.Generator().manual_seed(4)
+    layout = build_layout(layout_name, generator)
+    batch, seq_len = layout.patch_ids.shape
+    slots = 2
+    shapes = [(batch, layout.num_patches, slots, HEADS, HEAD_DIM), (batch, seq_len, KV_HEADS, HEAD_DIM),
+              (batch, seq_len, KV_HEADS, HEAD_DIM)]  # fmt: skip
+    outputs, grads = run_both(
+        reference.patch_pool_attention, patch_pool_attention, shapes, layout.patch_ids, dtype, generator
+    )
+    assert_matches(*outputs, dtype)
+    for grad, expected in grads:
+        assert_matches(grad, expected, dtype)
+
+
+def test_patch_pool_kernel_handles_bytes_of_a_patch_that_are_not_contiguous():
+    generator = torch.Generator().manual_seed(5)
+    patch_ids = torch.randint(0, 6, (2, 29), generator=generator).to(DEVICE)
+    shapes = [(2, 7, 3, HEADS, HEAD_DIM), (2, 29, KV_HEADS, HEAD_DIM), (2, 29, KV_HEADS, HEAD_DIM)]
+    outputs, grads = run_both(
+        reference.patch_pool_attention, patch_pool_attention, shapes, patch_ids, torch.float32, generator
+    )
+    assert_matches(*outputs, torch.float32)
+    assert outputs[0][:, 6].abs().max() == 0  # patch 6 has no bytes
+    for grad, expected in grads:
+        assert_matches(grad, expected, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout_name", list(LAYOUTS))
+def test_byte_to_slot_kernel_matches_reference(layout_name, dtype):
+    generator = torch.Generator().manual_seed(6)
+    layout = build_layout(layout_name, generator)
+    batch, seq_len = layout.patch_ids.shape
+    slots = 2
+    shapes = [(batch, seq_len, HEADS, HEAD_DIM), (batch, layout.num_patches, slots, KV_HEADS, HEAD_DIM),
+              (batch, layout.num_patches, slots, KV_HEADS, HEAD_DIM)]  # fmt: skip
+    outputs, grads = run_both(
+        reference.byte_to_slot_attention, byte_to_slot_attention, shapes, layout.source_patch, dtype, generator
+    )
+    assert_matches(*outputs, dtype)
+    for grad, expected in grads:
+        assert_matches(grad, expected, dtype)
+
+
+def tiny_model(kernels_mode: str) -> BLT:
+    from bltdist.config import BLTConfig
+
+    cfg = BLTConfig(
+        local_dim=32, local_heads=4, local_kv_heads=2, encoder_layers=1, decoder_layers=2, local_window=8,
+        global_dim=64, global_layers=1, global_heads=4, cross_attn_k=2, hash_ngram_sizes=[3, 4, 5],
+        hash_functions=2, hash_vocab=97, rope_theta=10000.0, kernels=kernels_mode,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = BLT(cfg).to(DEVICE)
+    model.init_weights()
+    return model
+
+
+def test_model_with_kernels_matches_model_with_reference():
+    generator = torch.Generator().manual_seed(7)
+    tokens = tokens_with_documents(2, 24, generator, docs_at=(13,)).to(DEVICE)
+    lengths = torch.tensor([[1, 4, 4, 3, 1, 5, 6], [1, 11, 1, 1, 4, 6, 0]], device=DEVICE)
+    results = {}
+    for mode in ("triton", "torch"):
+        model = tiny_model(mode)
+        model(tokens, lengths).square().mean().backward()
+        results[mode] = (model(tokens, lengths), {n: p.grad for n, p in model.named_parameters()})
+    assert_matches(results["triton"][0], results["torch"][0], torch.float32)
+    for name, grad in results["triton"][1].items():
+        assert_matches(grad, results["torch"][1][name], torch.float32)
+
+
+def test_kernels_are_chosen_by_mode_and_device(monkeypatch):
+    q = torch.randn(1, 5, 2, 8)
+    k = v = torch.randn(1, 3, 2, 2, 8)
+    source = torch.tensor([[0, 0, 1, 1, 2]])
+    on_device = [x.to(DEVICE) for x in (q, k, v, source)]
+    assert kernels.fused("torch", "byte_to_slot_attention", *on_device) is None
+    assert torch.is_tensor(kernels.fused("triton", "byte_to_slot_attention", *on_device))
+    assert kernels.fused("auto", "byte_to_slot_attention", q, k, v, source) is None  # CPU: reference
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    kernels._warn_once.cache_clear()
+    with pytest.warns(UserWarning, match="Triton needs CUDA"):
+        assert kernels.fused("triton", "byte_to_slot_attention", q, k, v, source) is None
+    with pytest.raises(ValueError, match="unknown kernels mode"):
+        kernels.fused("cuda", "byte_to_slot_attention", q, k, v, source)
+
+
+def test_unsupported_shapes_fall_back_with_one_warning(recwarn):
+    kernels._warn_once.cache_clear()
+    q = torch.randn(1, 5, 1, 300, device=DEVICE)  # head dim above the kernel's limit
+    k = v = torch.randn(1, 3, 2, 1, 300, device=DEVICE)
+    source = torch.tensor([[0, 0, 1, 1, 2]], device=DEVICE)
+    for _ in range(3):
+        assert kernels.fused("triton", "byte_to_slot_attention", q, k, v, source) is None
+    assert [str(w.message) for w in recwarn.list] == [
+        "bltdist.kernels: byte_to_slot_attention falls back to the PyTorch reference: head dim 300 > 256"
+    ]
+    table = torch.randn(20, 4, dtype=torch.float64, device=DEVICE)
+    tokens = torch.randint(0, 260, (1, 6), device=DEVICE)
+    assert kernels.fused("triton", "hash_ngram_embedding", tokens, table, [3], 1, 20) is None
+    assert "table dtype torch.float64" in str(recwarn.list[-1].message)
+
+
+def test_kernels_mode_is_a_checked_config_choice():
+    assert load_config(None, ["--model.blt.kernels", "torch"]).model.blt.kernels == "torch"
+    with pytest.raises(ConfigError, match="kernels"):
+        load_config(None, ["--model.blt.kernels", "cuda"])
