@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,29 @@ def test_gradient_accumulation_matches_one_big_micro_batch(corpus, reference, tm
     result = run([*MODEL, *TRAIN, "--train.micro_batch_size=2", f"--data.path={corpus}", f"--output_dir={tmp_path}"], 1)
     assert result.returncode == 0, result.stderr
     assert_matches_reference(reference, tmp_path)
+
+
+@pytest.mark.slow
+def test_exception_on_one_rank_stops_every_rank_with_its_message(corpus, tmp_path):
+    """Rank 1 fails mid-training while rank 0 waits in a collective: no hang, rank 1's message."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(REPO / "tests" / "workers" / "fail_on_rank.py"), *MODEL, *TRAIN, "--train.micro_batch_size=4",
+               "--parallel.timeout_seconds=60", f"--data.path={corpus}", f"--output_dir={tmp_path}"]  # fmt: skip
+    start = time.monotonic()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert result.returncode != 0
+    assert time.monotonic() - start < 60, "the surviving rank should be stopped, not left to time out"
+    assert "simulated read failure on rank 1" in result.stderr
+    assert "rank      : 1" in result.stderr or "rank: 1" in result.stderr
+
+
+@pytest.mark.slow
+def test_bad_layout_exits_2_before_starting(tmp_path):
+    result = run([*MODEL, "--parallel.tp=4", "--parallel.dp_shard=1", f"--output_dir={tmp_path}"], 2)
+    assert result.returncode != 0  # each worker exits 2; torchrun reports the failed workers
+    assert "bltdist-train: error: [rank 0]" in result.stderr and "parallel.tp" in result.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
 
 
 @pytest.mark.parametrize(
