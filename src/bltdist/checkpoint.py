@@ -33,14 +33,18 @@ def _fsync_dir(path: Path) -> None:
 
 def save_model_dir(model: torch.nn.Module, cfg, path: str | Path) -> Path:
     """Write ``model``'s weights and ``cfg`` to ``path`` atomically; returns the final path."""
+    return save_tensors_dir(model.state_dict(), cfg, path)
+
+
+def save_tensors_dir(tensors: dict[str, torch.Tensor], cfg, path: str | Path) -> Path:
+    """Write named tensors (kept in their dtype) and ``cfg`` to ``path`` atomically; returns the final path."""
     from bltdist.config import save_config
 
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
-        save_file(tensors, staging / WEIGHTS_FILE)
+        save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, staging / WEIGHTS_FILE)
         save_config(cfg, staging / CONFIG_FILE)
         for file in staging.iterdir():
             with open(file, "rb") as handle:
@@ -56,15 +60,22 @@ def save_model_dir(model: torch.nn.Module, cfg, path: str | Path) -> Path:
     return final
 
 
+def read_safetensors(weights_file: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one safetensors file; a missing or unreadable file is a UserError naming it."""
+    if not weights_file.is_file():
+        raise UserError(f"{weights_file}: not found")
+    try:
+        return load_file(weights_file)
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"{weights_file}: cannot be read ({error}); the file may be truncated, re-copy it") from error
+
+
 def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
     """Load ``path/model.safetensors`` into ``model``; every mismatch is reported by tensor name."""
     weights_file = Path(path) / WEIGHTS_FILE
     if not weights_file.is_file():
         raise UserError(f"{weights_file}: not found; expected a bltdist model directory (config.yaml + {WEIGHTS_FILE})")
-    try:
-        tensors = load_file(weights_file)
-    except (SafetensorError, OSError) as error:
-        raise UserError(f"{weights_file}: cannot be read ({error}); the file may be truncated, re-copy it") from error
+    tensors = read_safetensors(weights_file)
     expected = model.state_dict()
     problems = [f"missing tensor {name}" for name in expected if name not in tensors]
     problems += [f"unexpected tensor {name}" for name in tensors if name not in expected]
@@ -77,3 +88,23 @@ def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
         listed = "\n".join(f"  - {p}" for p in problems[:20])
         raise UserError(f"{weights_file} does not match the configured model:\n{listed}")
     model.load_state_dict(tensors)
+
+
+def load_pretrained(path: str | Path, attention_backend: str = "auto") -> torch.nn.Module:
+    """The model of a bltdist model directory, on the CPU in eval mode: a ``BLT`` (call it with byte
+    ids (B, T) and patch lengths (B, P) for logits (B, T, 260)) or, for an entropy model, a ``ByteLM``."""
+    from bltdist.config import load_config
+    from bltdist.model import BLT, ByteLM
+
+    config_file = Path(path) / CONFIG_FILE
+    if not config_file.is_file():
+        raise UserError(f"{config_file}: not found; expected a bltdist model directory (config.yaml + {WEIGHTS_FILE})")
+    cfg = load_config(str(config_file), [])
+    with torch.device("meta"):
+        if cfg.model.arch == "blt":
+            model = BLT(cfg.model.blt, attention_backend)
+        else:
+            model = ByteLM(cfg.model.entropy, attention_backend)
+    model.to_empty(device="cpu")
+    load_model_weights(model, path)
+    return model.eval()

@@ -93,6 +93,7 @@ class LocalEncoder(nn.Module):
         super().__init__()
         self.dim, self.slots, self.rope_theta = cfg.local_dim, cfg.cross_attn_k, cfg.rope_theta
         self.all_layers_cross = cfg.encoder_cross_attn_all_layers
+        self.repool_slots = cfg.encoder_cross_attn_repool
         kv_heads = cfg.local_kv_heads or cfg.local_heads
         self.byte_embedding = nn.Embedding(cfg.vocab_size, cfg.local_dim)
         self.hash_embedding = HashNgramEmbedding(cfg.hash_ngram_sizes, cfg.hash_functions, cfg.hash_vocab, cfg.local_dim)
@@ -115,7 +116,7 @@ class LocalEncoder(nn.Module):
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, layout.byte_mask)
             if self.all_layers_cross or i == len(self.layers) - 1:
-                if slots is None:
+                if slots is None or self.repool_slots:
                     slots = self._init_slots(h, layout)
                 cross = self.cross_attn[i if self.all_layers_cross else 0]
                 slots = slots + cross.pool(slots, h, layout.patch_ids)
