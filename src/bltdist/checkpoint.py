@@ -8,9 +8,11 @@ checkpoint untouched and never a half-written one under the final name.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -33,23 +35,33 @@ def _fsync_dir(path: Path) -> None:
 
 def save_model_dir(model: torch.nn.Module, cfg, path: str | Path) -> Path:
     """Write ``model``'s weights and ``cfg`` to ``path`` atomically; returns the final path."""
-    return save_tensors_dir(model.state_dict(), cfg, path)
+    with atomic_directory(path) as staging:
+        write_model_files(model.state_dict(), cfg, staging)
+    return Path(path)
 
 
-def save_tensors_dir(tensors: dict[str, torch.Tensor], cfg, path: str | Path) -> Path:
-    """Write named tensors (kept in their dtype) and ``cfg`` to ``path`` atomically; returns the final path."""
+def write_model_files(tensors: dict[str, torch.Tensor], cfg, directory: Path) -> None:
+    """Write named tensors (each kept in its dtype) and ``cfg`` into ``directory`` as a model directory."""
     from bltdist.config import save_config
 
+    save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, directory / WEIGHTS_FILE)
+    save_config(cfg, directory / CONFIG_FILE)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Yields an empty staging directory; when the block succeeds its files are fsynced and it
+    replaces ``path`` with one rename, when the block fails it is removed and ``path`` is untouched."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, staging / WEIGHTS_FILE)
-        save_config(cfg, staging / CONFIG_FILE)
-        for file in staging.iterdir():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-        _fsync_dir(staging)
+        yield staging
+        for directory, _, files in os.walk(staging):
+            for name in files:
+                with open(Path(directory) / name, "rb") as handle:
+                    os.fsync(handle.fileno())
+            _fsync_dir(Path(directory))
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
@@ -57,7 +69,6 @@ def save_tensors_dir(tensors: dict[str, torch.Tensor], cfg, path: str | Path) ->
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return final
 
 
 def read_safetensors(weights_file: Path) -> dict[str, torch.Tensor]:
