@@ -211,8 +211,9 @@ class _HFConfig:
         return float(theta)
 
     def ffn_dim(self, dim: int | None) -> int | None:
+        """intermediate_size, or None (bltdist's "int(8 * dim / 3)") when it is that or unset."""
         width = self.get("intermediate_size", (int,), nullable=True)
-        return default_ffn_dim(dim) if width is None and dim is not None else width
+        return None if dim is not None and width in (None, default_ffn_dim(dim)) else width
 
     def kv_heads(self, heads: int | None) -> int | None:
         """num_key_value_heads, or None (bltdist's "same as heads") when it equals heads or is unset."""
