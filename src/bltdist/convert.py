@@ -305,33 +305,35 @@ def entropy_config_from_hf(patcher: _HFConfig) -> EntropyModelConfig:
     )
 
 
-def _checked_tensors(
+def _renamed(
     tensors: dict[str, torch.Tensor],
     sources: dict[str, Path],
-    names: dict[str, tuple[str, torch.Size]],
+    renames: dict[str, tuple[str, torch.Size]],
     described_by: Path,
 ) -> dict[str, torch.Tensor]:
-    """``tensors`` (by Hugging Face name) renamed to bltdist names; every missing, unexpected or
-    wrongly shaped tensor is reported with its name and file."""
+    """``tensors`` under their new names; ``renames`` maps each expected name to (new name, shape
+    that ``described_by`` implies). Every missing, unexpected or wrongly shaped tensor is reported
+    with its name and the file it came from (``sources``)."""
     problems = []
-    renamed = {}
-    for ours, (theirs, shape) in names.items():
-        if theirs not in tensors:
-            problems.append(f"tensor {theirs} (shape {tuple(shape)}) is missing")
-        elif tensors[theirs].shape != shape:
+    for name, (_, shape) in renames.items():
+        if name not in tensors:
+            problems.append(f"tensor {name} (shape {tuple(shape)}) is missing")
+        elif tensors[name].shape != shape:
             problems.append(
-                f"tensor {theirs} in {sources[theirs]} has shape {tuple(tensors[theirs].shape)}, "
+                f"tensor {name} in {sources[name]} has shape {tuple(tensors[name].shape)}, "
                 f"but {described_by} implies {tuple(shape)}"
             )
-        else:
-            renamed[ours] = tensors[theirs]
-    expected = {theirs for theirs, _ in names.values()}
-    problems += [f"tensor {name} in {sources[name]} is not part of this model" for name in tensors if name not in expected]
+    problems += [f"tensor {name} in {sources[name]} is not part of this model" for name in tensors if name not in renames]
     if problems:
         listed = "\n".join(f"  - {p}" for p in problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise UserError(f"the weights do not match {described_by} ({len(problems)} problem(s)):\n{listed}{more}")
-    return renamed
+    return {new_name: tensors[name] for name, (new_name, _) in renames.items()}
+
+
+def _from_hf_names(names: dict[str, tuple[str, torch.Size]]) -> dict[str, tuple[str, torch.Size]]:
+    """bltdist name -> (HF name, shape) turned into HF name -> (bltdist name, shape)."""
+    return {theirs: (ours, shape) for ours, (theirs, shape) in names.items()}
 
 
 def _refuse_existing(out_dir: Path) -> None:
@@ -369,17 +371,15 @@ def from_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
 
     tensors, sources = read_hf_tensors(hf_dir)
     if cfg.model.arch == "entropy":
-        model_tensors = _checked_tensors(tensors, sources, entropy_tensor_names(cfg.model.entropy), config_file)
+        model_names = entropy_tensor_names(cfg.model.entropy)
     else:
-        names = blt_tensor_names(cfg.model.blt)
-        if entropy_cfg is not None:
-            patcher_names = entropy_tensor_names(entropy_cfg.model.entropy, HF_PATCHER_PREFIX)
-            names.update({f"{HF_PATCHER_PREFIX}{ours}": entry for ours, entry in patcher_names.items()})
-        both = _checked_tensors(tensors, sources, names, config_file)
-        model_tensors = {name: t for name, t in both.items() if not name.startswith(HF_PATCHER_PREFIX)}
-        patcher_tensors = {
-            name[len(HF_PATCHER_PREFIX) :]: t for name, t in both.items() if name.startswith(HF_PATCHER_PREFIX)
-        }
+        model_names = blt_tensor_names(cfg.model.blt)
+    if entropy_cfg is not None:
+        patcher_names = entropy_tensor_names(entropy_cfg.model.entropy, HF_PATCHER_PREFIX)
+        patcher_part = {name: t for name, t in tensors.items() if name.startswith(HF_PATCHER_PREFIX)}
+        patcher_tensors = _renamed(patcher_part, sources, _from_hf_names(patcher_names), config_file)
+        tensors = {name: t for name, t in tensors.items() if name not in patcher_part}
+    model_tensors = _renamed(tensors, sources, _from_hf_names(model_names), config_file)
     with atomic_directory(out_dir) as staging:
         write_model_files(model_tensors, cfg, staging)
         if entropy_cfg is not None:
@@ -417,6 +417,13 @@ def _read_model_dir(path: Path) -> tuple[Config, dict[str, torch.Tensor]]:
     if not config_file.is_file():
         raise UserError(f"{path}: no {CONFIG_FILE}; not a bltdist model directory (config.yaml + {WEIGHTS_FILE})")
     return load_config(str(config_file), []), read_safetensors(path / WEIGHTS_FILE)
+
+
+def _renamed_for_hf(
+    model_dir: Path, tensors: dict[str, torch.Tensor], names: dict[str, tuple[str, torch.Size]]
+) -> dict[str, torch.Tensor]:
+    """The tensors of a bltdist model directory under their Hugging Face names, checked against its config."""
+    return _renamed(tensors, dict.fromkeys(tensors, model_dir / WEIGHTS_FILE), names, model_dir / CONFIG_FILE)
 
 
 def _dtype_name(tensors: dict[str, torch.Tensor]) -> str:
@@ -511,44 +518,35 @@ def hf_blt_config(cfg: BLTConfig, model_file: Path) -> dict[str, Any]:
     }
 
 
-def _renamed_for_hf(
-    tensors: dict[str, torch.Tensor], names: dict[str, tuple[str, torch.Size]], model_file: Path
-) -> dict[str, torch.Tensor]:
-    problems = [f"missing tensor {name}" for name in names if name not in tensors]
-    problems += [f"unexpected tensor {name}" for name in tensors if name not in names]
-    problems += [
-        f"tensor {name}: shape {tuple(tensors[name].shape)} in file, {tuple(shape)} in its config.yaml"
-        for name, (_, shape) in names.items()
-        if name in tensors and tensors[name].shape != shape
-    ]
-    if problems:
-        listed = "\n".join(f"  - {p}" for p in problems[:20])
-        raise UserError(f"{model_file} does not match its config.yaml:\n{listed}")
-    return {theirs: tensors[ours] for ours, (theirs, _) in names.items()}
-
-
 def to_hf(model_dir: str | Path, hf_dir: str | Path) -> Path:
     """Convert a bltdist model directory into one that ``BltForCausalLM`` (or ``BltPatcher``) loads."""
     model_dir, hf_dir = Path(model_dir), Path(hf_dir)
     cfg, tensors = _read_model_dir(model_dir)
-    model_file = model_dir / WEIGHTS_FILE
     _refuse_existing(hf_dir)
     if cfg.model.arch == "entropy":
         hf_config = {"architectures": ["BltPatcher"], **hf_patcher_config(cfg.model.entropy)}
-        hf_tensors = _renamed_for_hf(tensors, entropy_tensor_names(cfg.model.entropy), model_file)
+        hf_tensors = _renamed_for_hf(model_dir, tensors, entropy_tensor_names(cfg.model.entropy))
     else:
-        hf_config = {"architectures": ["BltForCausalLM"], **hf_blt_config(cfg.model.blt, model_file)}
-        hf_tensors = _renamed_for_hf(tensors, blt_tensor_names(cfg.model.blt), model_file)
+        hf_config = {"architectures": ["BltForCausalLM"], **hf_blt_config(cfg.model.blt, model_dir / CONFIG_FILE)}
+        hf_tensors = _renamed_for_hf(model_dir, tensors, blt_tensor_names(cfg.model.blt))
         hf_config.update(_hf_patching(cfg))
         if cfg.patching.mode == "entropy" and cfg.patching.threshold_mode == "global":
             entropy_dir = Path(cfg.patching.entropy_model)
             entropy_cfg, entropy_tensors = _read_model_dir(entropy_dir)
             if entropy_cfg.model.arch != "entropy":
-                raise UserError(f"patching.entropy_model: {entropy_dir} holds a {entropy_cfg.model.arch} model, not an entropy model")
+                raise UserError(
+                    f"patching.entropy_model: {entropy_dir} holds a {entropy_cfg.model.arch} model, not an entropy model"
+                )
             names = entropy_tensor_names(entropy_cfg.model.entropy, HF_PATCHER_PREFIX)
-            hf_tensors.update(_renamed_for_hf(entropy_tensors, names, entropy_dir / WEIGHTS_FILE))
+            hf_tensors.update(_renamed_for_hf(entropy_dir, entropy_tensors, names))
             hf_config["patcher_config"] = hf_patcher_config(entropy_cfg.model.entropy)
             hf_config["patch_in_forward"] = True
+        elif cfg.patching.mode == "entropy":
+            print(
+                f"{PROGRAM}: note: the Hugging Face port has no monotonic entropy threshold, so the entropy model "
+                "is not included; pass patch_lengths to the exported model",
+                file=sys.stderr,
+            )
     hf_config["dtype"] = _dtype_name(hf_tensors)
     with atomic_directory(hf_dir) as staging:
         (staging / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
