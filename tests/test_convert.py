@@ -68,8 +68,12 @@ def hf_blt_config(variant: dict, with_patcher: bool = False) -> BltConfig:
         encoder_hash_byte_group_size=variant["ngrams"],
         encoder_hash_byte_group_vocab=13,
         encoder_hash_byte_group_nb_functions=variant["functions"],
-        encoder_config=dict(local, num_hidden_layers=variant["encoder_layers"], cross_attn_all_layers=variant["encoder_all"]),
-        decoder_config=dict(local, num_hidden_layers=variant["decoder_layers"], cross_attn_all_layers=variant["decoder_all"]),
+        encoder_config=dict(
+            local, num_hidden_layers=variant["encoder_layers"], cross_attn_all_layers=variant["encoder_all"]
+        ),
+        decoder_config=dict(
+            local, num_hidden_layers=variant["decoder_layers"], cross_attn_all_layers=variant["decoder_all"]
+        ),
         global_config=dict(
             hidden_size=variant["global_dim"], num_attention_heads=variant["global_heads"],
             num_key_value_heads=variant["global_kv"], num_hidden_layers=2, intermediate_size=48,
@@ -93,7 +97,9 @@ def perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-def saved_hf_blt(tmp_path: Path, variant: dict, seed: int = 0, with_patcher: bool = False) -> tuple[BltForCausalLM, Path]:
+def saved_hf_blt(
+    tmp_path: Path, variant: dict, seed: int = 0, with_patcher: bool = False
+) -> tuple[BltForCausalLM, Path]:
     torch.manual_seed(seed)
     model = perturbed(BltForCausalLM(hf_blt_config(variant, with_patcher)), seed)
     model.save_pretrained(tmp_path / "hf")
@@ -298,7 +304,9 @@ def test_round_trip_from_bltdist_is_bit_exact(tmp_path):
     save_model_dir(model, cfg, tmp_path / "ours")
     to_hf(tmp_path / "ours", tmp_path / "hf")
     from_hf(tmp_path / "hf", tmp_path / "again")
-    assert_same_tensors(load_file(tmp_path / "ours" / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors"))
+    assert_same_tensors(
+        load_file(tmp_path / "ours" / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    )
     assert load_config(str(tmp_path / "again" / "config.yaml"), []).model.blt == cfg.model.blt
 
     # The exported model computes what ours computes (HF loads it offline from the directory).
@@ -318,7 +326,8 @@ def test_round_trip_from_bltdist_is_bit_exact(tmp_path):
     assert BltPatcher.from_pretrained(tmp_path / "hf_patcher").config.sliding_window == 8
     from_hf(tmp_path / "hf_patcher", tmp_path / "entropy_again")
     assert_same_tensors(
-        load_file(tmp_path / "entropy" / "model.safetensors"), load_file(tmp_path / "entropy_again" / "model.safetensors")
+        load_file(tmp_path / "entropy" / "model.safetensors"),
+        load_file(tmp_path / "entropy_again" / "model.safetensors"),
     )
     assert load_config(str(tmp_path / "entropy_again" / "config.yaml"), []).model.entropy == entropy_cfg.model.entropy
 
@@ -420,11 +429,15 @@ def test_a_bltdist_directory_whose_config_does_not_match_its_weights(tmp_path, c
 def test_command_line_converts_and_reports_bad_input_with_exit_code_2(hf_dir, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "bltdist.convert"]
-    result = subprocess.run([*command, "from-hf", str(hf_dir), str(tmp_path / "ours")], capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        [*command, "from-hf", str(hf_dir), str(tmp_path / "ours")], capture_output=True, text=True, env=env
+    )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "ours" / "config.yaml").is_file() and (tmp_path / "ours" / "model.safetensors").is_file()
 
-    result = subprocess.run([*command, "from-hf", str(tmp_path), str(tmp_path / "other")], capture_output=True, text=True, env=env)
+    result = subprocess.run(
+        [*command, "from-hf", str(tmp_path), str(tmp_path / "other")], capture_output=True, text=True, env=env
+    )
     assert result.returncode == 2 and "bltdist-convert: error:" in result.stderr and "config.json" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -442,7 +455,8 @@ def test_training_a_converted_model_with_its_converted_entropy_model(tmp_path):
     settings = [
         "--train.seq_len=64", "--train.micro_batch_size=4", "--train.global_batch_size=4", "--train.steps=25",
         "--train.val_interval=0", "--train.val_batches=1", "--logging.interval=1", "--optim.warmup_steps=2",
-        "--optim.lr=3e-3", f"--patching.threshold={threshold}", f"--checkpoint.init_from={tmp_path / 'ours'}", f"--output_dir={out}",
+        "--optim.lr=3e-3", f"--patching.threshold={threshold}", f"--checkpoint.init_from={tmp_path / 'ours'}",
+        f"--output_dir={out}",
     ]  # fmt: skip
     result = subprocess.run(
         [sys.executable, "-m", "bltdist.train", str(tmp_path / "ours" / "config.yaml"), *settings],

@@ -203,7 +203,9 @@ class _HFConfig:
         scaling = self.get("rope_scaling", (dict,), nullable=True, default=None) or {}
         rope_type = parameters.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
         if rope_type != "default":
-            self.problems.append(f"{self.prefix}rope_parameters: rope_type {rope_type!r} is not supported (only 'default')")
+            self.problems.append(
+                f"{self.prefix}rope_parameters: rope_type {rope_type!r} is not supported (only 'default')"
+            )
         theta = parameters.get("rope_theta", self.get("rope_theta", (int, float), default=default))
         if isinstance(theta, bool) or not isinstance(theta, (int, float)):
             self.problems.append(f"{self.prefix}rope_parameters.rope_theta: expected a number, got {theta!r}")
@@ -223,7 +225,9 @@ class _HFConfig:
     def check_silu(self) -> None:
         activation = self.get("hidden_act", (str,), default="silu")
         if activation != "silu":
-            self.problems.append(f"{self.prefix}hidden_act: {activation!r} is not supported (bltdist uses SwiGLU with silu)")
+            self.problems.append(
+                f"{self.prefix}hidden_act: {activation!r} is not supported (bltdist uses SwiGLU with silu)"
+            )
 
     def raise_problems(self) -> None:
         if self.problems:
@@ -248,15 +252,17 @@ def blt_config_from_hf(hf: _HFConfig) -> BLTConfig:
     encoder, decoder, global_ = hf.sub("encoder_config"), hf.sub("decoder_config"), hf.sub("global_config")
     for part in (encoder, decoder, global_):
         part.check_silu()
-    local_dim = _agreed("hidden_size", *((c, c.get("hidden_size", (int,))) for c in (encoder, decoder)))
-    local_heads = _agreed("num_attention_heads", *((c, c.get("num_attention_heads", (int,))) for c in (encoder, decoder)))
-    local_kv_heads = _agreed("num_key_value_heads", *((c, c.kv_heads(local_heads)) for c in (encoder, decoder)))
+    local = (encoder, decoder)
+    local_dim = _agreed("hidden_size", *((c, c.get("hidden_size", (int,))) for c in local))
+    local_heads = _agreed("num_attention_heads", *((c, c.get("num_attention_heads", (int,))) for c in local))
+    local_kv_heads = _agreed("num_key_value_heads", *((c, c.kv_heads(local_heads)) for c in local))
     global_dim = global_.get("hidden_size", (int,))
     global_heads = global_.get("num_attention_heads", (int,))
     decoder_global_dim = decoder.get("hidden_size_global", (int,))
     if None not in (global_dim, decoder_global_dim) and decoder_global_dim != global_dim:
         decoder.problems.append(
-            f"decoder_config.hidden_size_global={decoder_global_dim} differs from global_config.hidden_size={global_dim}"
+            f"decoder_config.hidden_size_global={decoder_global_dim} differs from "
+            f"global_config.hidden_size={global_dim}"
         )
     encoder_all_layers = encoder.get("cross_attn_all_layers", (bool,))
     return BLTConfig(
@@ -282,7 +288,9 @@ def blt_config_from_hf(hf: _HFConfig) -> BLTConfig:
         hash_functions=hf.get("encoder_hash_byte_group_nb_functions", (int,)),
         hash_vocab=hf.get("encoder_hash_byte_group_vocab", (int,)),
         rope_theta=_agreed("rope_theta", *((c, c.rope_theta(500000.0)) for c in (encoder, decoder, global_))),
-        norm_eps=_agreed("rms_norm_eps", *((c, c.get("rms_norm_eps", (int, float))) for c in (encoder, decoder, global_))),
+        norm_eps=_agreed(
+            "rms_norm_eps", *((c, c.get("rms_norm_eps", (int, float))) for c in (encoder, decoder, global_))
+        ),
         global_final_norm=False,
         cross_attn_double_residual=True,
     )
@@ -323,7 +331,9 @@ def _renamed(
                 f"tensor {name} in {sources[name]} has shape {tuple(tensors[name].shape)}, "
                 f"but {described_by} implies {tuple(shape)}"
             )
-    problems += [f"tensor {name} in {sources[name]} is not part of this model" for name in tensors if name not in renames]
+    problems += [
+        f"tensor {name} in {sources[name]} is not part of this model" for name in tensors if name not in renames
+    ]
     if problems:
         listed = "\n".join(f"  - {p}" for p in problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
@@ -535,7 +545,8 @@ def to_hf(model_dir: str | Path, hf_dir: str | Path) -> Path:
             entropy_cfg, entropy_tensors = _read_model_dir(entropy_dir)
             if entropy_cfg.model.arch != "entropy":
                 raise UserError(
-                    f"patching.entropy_model: {entropy_dir} holds a {entropy_cfg.model.arch} model, not an entropy model"
+                    f"patching.entropy_model: {entropy_dir} holds a {entropy_cfg.model.arch} model, "
+                    "not an entropy model"
                 )
             names = entropy_tensor_names(entropy_cfg.model.entropy, HF_PATCHER_PREFIX)
             hf_tensors.update(_renamed_for_hf(entropy_dir, entropy_tensors, names))
@@ -550,7 +561,8 @@ def to_hf(model_dir: str | Path, hf_dir: str | Path) -> Path:
     hf_config["dtype"] = _dtype_name(hf_tensors)
     with atomic_directory(hf_dir) as staging:
         (staging / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
-        save_file({name: t.contiguous() for name, t in hf_tensors.items()}, staging / HF_WEIGHTS_FILE, metadata={"format": "pt"})
+        contiguous = {name: t.contiguous() for name, t in hf_tensors.items()}
+        save_file(contiguous, staging / HF_WEIGHTS_FILE, metadata={"format": "pt"})
     return hf_dir
 
 
