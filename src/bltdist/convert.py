@@ -369,15 +369,16 @@ def from_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
         cfg.model.entropy = entropy_config_from_hf(hf)
     else:
         cfg.model.blt = blt_config_from_hf(hf)
-        _set_patching_from_hf(cfg, hf, out_dir / ENTROPY_MODEL_DIR)
-        if hf.get("patch_in_forward", (bool,), default=False):
+        has_patcher = hf.get("patch_in_forward", (bool,), default=False)
+        _set_patching_from_hf(cfg, hf, has_patcher, out_dir / ENTROPY_MODEL_DIR)
+        if has_patcher:
             entropy_cfg = Config(output_dir=f"runs/{out_dir.name}_{ENTROPY_MODEL_DIR}")
             entropy_cfg.model.arch = "entropy"
             entropy_cfg.model.entropy = entropy_config_from_hf(hf.sub("patcher_config"))
     hf.raise_problems()
-    for problem_cfg in (cfg, entropy_cfg):
-        if problem_cfg is not None:
-            _validate_converted(problem_cfg, config_file)
+    for converted in (cfg, entropy_cfg):
+        if converted is not None:
+            _validate_converted(converted, config_file)
 
     tensors, sources = read_hf_tensors(hf_dir)
     if cfg.model.arch == "entropy":
@@ -398,17 +399,18 @@ def from_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     return out_dir
 
 
-def _set_patching_from_hf(cfg: Config, hf: _HFConfig, entropy_model_dir: Path) -> None:
+def _set_patching_from_hf(cfg: Config, hf: _HFConfig, has_patcher: bool, entropy_model_dir: Path) -> None:
     """Patch like the port: by entropy with its own patcher when it has one, else statically."""
     patching = cfg.patching
     patching.patch_size = hf.get("patch_size", (int,), nullable=True, default=None) or patching.patch_size
     patching.max_patch_length = hf.get("max_patch_length", (int,), nullable=True, default=None)
-    has_patcher = hf.get("patch_in_forward", (bool,), default=False)
     if has_patcher and hf.get("patching_mode", (str,), nullable=True, default=None) == "entropy":
         patching.mode = "entropy"
         patching.threshold_mode = "global"
-        patching.threshold = float(hf.get("patching_threshold", (int, float)) or 0.0)
         patching.entropy_model = str(entropy_model_dir)
+        threshold = hf.get("patching_threshold", (int, float))
+        if threshold is not None:
+            patching.threshold = float(threshold)
 
 
 def _validate_converted(cfg: Config, config_file: Path) -> None:
