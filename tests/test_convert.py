@@ -372,6 +372,14 @@ def test_a_directory_that_is_not_a_blt_checkpoint(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_output_directory_that_is_not_empty_is_left_alone(hf_dir, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("keep me")
+    error = convert_error(capsys, "from-hf", str(hf_dir), str(tmp_path / "out"))
+    assert str(tmp_path / "out") in error and "not empty" in error
+    assert (tmp_path / "out" / "notes.txt").read_text() == "keep me"
+
+
 def test_missing_and_truncated_weights(hf_dir, tmp_path, capsys):
     weights = hf_dir / "model.safetensors"
     data = weights.read_bytes()
