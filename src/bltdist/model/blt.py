@@ -11,7 +11,9 @@ Data flow for bytes x (B, T) and patch lengths (B, P):
 
 Causality: the logits at position t predict byte t+1. Position t reads the global output of the
 last patch that ends at or before t, i.e. patch p(t+1) - 1 where p(t) is the patch of byte t.
-That patch holds only bytes <= t, and it is the freshest such patch. It needs the first patch of
+That patch holds only bytes <= t, and it is the freshest such patch. The end of the sequence counts
+as a patch boundary, so the last byte reads the last patch (the Hugging Face port instead needs a
+zero-length patch after the last one for that; see ``bltdist.convert``). It needs the first patch of
 every row to be a single byte (the BOS rule of ``bltdist.patching``); otherwise the first bytes
 read their own, unfinished patch.
 """
