@@ -18,5 +18,5 @@ setup(
         "parquet": ["pyarrow"],
         "flash": ["flash-attn"],
     },
-    entry_points={"console_scripts": ["bltdist-train=bltdist.train:main"]},
+    entry_points={"console_scripts": ["bltdist-train=bltdist.train:main", "bltdist-convert=bltdist.convert:main"]},
 )

@@ -8,9 +8,11 @@ checkpoint untouched and never a half-written one under the final name.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -38,19 +40,33 @@ def save_model_dir(model: torch.nn.Module, cfg, path: str | Path) -> Path:
 
 def save_weights_dir(tensors: dict[str, torch.Tensor], cfg, path: str | Path) -> Path:
     """Write full (gathered) weights by name and ``cfg`` to ``path`` atomically; returns the final path."""
+    with atomic_directory(path) as staging:
+        write_model_files(tensors, cfg, staging)
+    return Path(path)
+
+
+def write_model_files(tensors: dict[str, torch.Tensor], cfg, directory: Path) -> None:
+    """Write named tensors (each kept in its dtype) and ``cfg`` into ``directory`` as a model directory."""
     from bltdist.config import save_config
 
+    save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, directory / WEIGHTS_FILE)
+    save_config(cfg, directory / CONFIG_FILE)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Yields an empty staging directory; when the block succeeds its files are fsynced and it
+    replaces ``path`` with one rename, when the block fails it is removed and ``path`` is untouched."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
-        save_file(tensors, staging / WEIGHTS_FILE)
-        save_config(cfg, staging / CONFIG_FILE)
-        for file in staging.iterdir():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-        _fsync_dir(staging)
+        yield staging
+        for directory, _, files in os.walk(staging):
+            for name in files:
+                with open(Path(directory) / name, "rb") as handle:
+                    os.fsync(handle.fileno())
+            _fsync_dir(Path(directory))
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
@@ -58,7 +74,16 @@ def save_weights_dir(tensors: dict[str, torch.Tensor], cfg, path: str | Path) ->
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return final
+
+
+def read_safetensors(weights_file: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one safetensors file; a missing or unreadable file is a UserError naming it."""
+    if not weights_file.is_file():
+        raise UserError(f"{weights_file}: not found")
+    try:
+        return load_file(weights_file)
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"{weights_file}: cannot be read ({error}); the file may be truncated, re-copy it") from error
 
 
 def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
@@ -66,10 +91,7 @@ def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
     weights_file = Path(path) / WEIGHTS_FILE
     if not weights_file.is_file():
         raise UserError(f"{weights_file}: not found; expected a bltdist model directory (config.yaml + {WEIGHTS_FILE})")
-    try:
-        tensors = load_file(weights_file)
-    except (SafetensorError, OSError) as error:
-        raise UserError(f"{weights_file}: cannot be read ({error}); the file may be truncated, re-copy it") from error
+    tensors = read_safetensors(weights_file)
     expected = model.state_dict()
     problems = [f"missing tensor {name}" for name in expected if name not in tensors]
     problems += [f"unexpected tensor {name}" for name in tensors if name not in expected]
@@ -82,3 +104,23 @@ def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
         listed = "\n".join(f"  - {p}" for p in problems[:20])
         raise UserError(f"{weights_file} does not match the configured model:\n{listed}")
     model.load_state_dict(tensors)
+
+
+def load_pretrained(path: str | Path, attention_backend: str = "auto") -> torch.nn.Module:
+    """The model of a bltdist model directory, on the CPU in eval mode: a ``BLT`` (call it with byte
+    ids (B, T) and patch lengths (B, P) for logits (B, T, 260)) or, for an entropy model, a ``ByteLM``."""
+    from bltdist.config import load_config
+    from bltdist.model import BLT, ByteLM
+
+    config_file = Path(path) / CONFIG_FILE
+    if not config_file.is_file():
+        raise UserError(f"{config_file}: not found; expected a bltdist model directory (config.yaml + {WEIGHTS_FILE})")
+    cfg = load_config(str(config_file), [])
+    with torch.device("meta"):
+        if cfg.model.arch == "blt":
+            model = BLT(cfg.model.blt, attention_backend)
+        else:
+            model = ByteLM(cfg.model.entropy, attention_backend)
+    model.to_empty(device="cpu")
+    load_model_weights(model, path)
+    return model.eval()

@@ -72,6 +72,11 @@ class BLTConfig:
     cross_attn_k: int = setting(2, "query slots per patch; k * local_dim != global_dim adds a projection", ge=1)
     encoder_cross_attn_all_layers: bool = setting(False, "encoder cross-attention after each layer, not just the last")
     decoder_cross_attn_all_layers: bool = setting(True, "decoder cross-attention before each layer, not just the first")
+    encoder_cross_attn_repool: bool = setting(
+        False,
+        "with encoder cross-attention on all layers, restart the slots from max-pooling at every layer instead of "
+        "refining them (the Hugging Face port's behaviour; the BLT reference pools once)",
+    )
     hash_ngram_sizes: list[int] = setting([3, 4, 5, 6, 7, 8], "byte n-gram lengths with hash embeddings")
     hash_functions: int = setting(1, "hash functions per n-gram size (11 primes known; more reuse them)", ge=1)
     hash_vocab: int = setting(500002, "rows of each (function, n) hash table", ge=1)

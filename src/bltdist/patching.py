@@ -44,8 +44,10 @@ def patch_starts(
         bytes and after every special token, so ``hello world`` gives ``hello `` and ``world``.
       - ``entropy``: ``entropies`` (B, T) holds H(t), the entropy of the prediction of byte t+1.
         ``threshold_mode="global"``: byte t+1 starts a patch when H(t) > threshold;
-        ``"monotonic"``: when H(t) - H(t-1) > threshold. H(0) is never compared on its own
-        (position 1 starts anyway), exactly as in the Hugging Face port.
+        ``"monotonic"``: when H(t) - H(t-1) > threshold. H(0), the prediction right after the
+        first position, is never used (position 1 starts anyway): so in monotonic mode, which has no
+        rise to compare for H(1), position 2 always starts a patch. Both rules are those of the BLT
+        reference (``find_entropy_patch_start_ids``); the Hugging Face port has the global one only.
 
     Then, in every mode: positions 0 and 1 start patches, every BOS is a patch of its own, and
     with ``max_patch_length`` longer patches are cut into pieces of that length (the last piece
@@ -153,7 +155,8 @@ def _entropy_starts(
     if threshold_mode == "global":
         starts[:, 2:] = entropies[:, 1:-1] > threshold
     elif threshold_mode == "monotonic":
-        starts[:, 2:] = (entropies[:, 1:-1] - entropies[:, :-2]) > threshold
+        starts[:, 2:3] = True
+        starts[:, 3:] = (entropies[:, 2:-1] - entropies[:, 1:-2]) > threshold
     else:
         raise ValueError(f"unknown threshold_mode {threshold_mode!r}; expected one of {', '.join(THRESHOLD_MODES)}")
     return starts

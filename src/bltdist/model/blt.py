@@ -11,7 +11,9 @@ Data flow for bytes x (B, T) and patch lengths (B, P):
 
 Causality: the logits at position t predict byte t+1. Position t reads the global output of the
 last patch that ends at or before t, i.e. patch p(t+1) - 1 where p(t) is the patch of byte t.
-That patch holds only bytes <= t, and it is the freshest such patch. It needs the first patch of
+That patch holds only bytes <= t, and it is the freshest such patch. The end of the sequence counts
+as a patch boundary, so the last byte reads the last patch (the Hugging Face port instead needs a
+zero-length patch after the last one for that; see ``bltdist.convert``). It needs the first patch of
 every row to be a single byte (the BOS rule of ``bltdist.patching``); otherwise the first bytes
 read their own, unfinished patch.
 """
@@ -93,6 +95,7 @@ class LocalEncoder(nn.Module):
         super().__init__()
         self.dim, self.slots, self.rope_theta = cfg.local_dim, cfg.cross_attn_k, cfg.rope_theta
         self.all_layers_cross = cfg.encoder_cross_attn_all_layers
+        self.repool_slots = cfg.encoder_cross_attn_repool
         kv_heads = cfg.local_kv_heads or cfg.local_heads
         self.byte_embedding = nn.Embedding(cfg.vocab_size, cfg.local_dim)
         self.hash_embedding = HashNgramEmbedding(
@@ -119,7 +122,7 @@ class LocalEncoder(nn.Module):
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, layout.byte_mask)
             if self.all_layers_cross or i == len(self.layers) - 1:
-                if slots is None:
+                if slots is None or self.repool_slots:
                     slots = self._init_slots(h, layout)
                 cross = self.cross_attn[i if self.all_layers_cross else 0]
                 slots = slots + cross.pool(slots, h, layout.patch_ids)
