@@ -159,7 +159,7 @@ def test_exception_on_one_rank_stops_every_rank_with_its_message(corpus, tmp_pat
 def test_bad_layout_exits_2_before_starting(tmp_path):
     result = run([*MODEL, "--parallel.tp=4", "--parallel.dp_shard=1", f"--output_dir={tmp_path}"], 2)
     assert result.returncode != 0  # each worker exits 2; torchrun reports the failed workers
-    assert "bltdist-train: error: [rank 0]" in result.stderr and "parallel.tp" in result.stderr
+    assert "bltdist-train: error: [rank 0] invalid config" in result.stderr and "2 process(es)" in result.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
