@@ -70,6 +70,9 @@ class HashNgramEmbedding(nn.Module):
             return torch.stack(rows, dim=-1)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        rows = self.table_rows(tokens)
+        return self.embed_rows(self.table_rows(tokens))
+
+    def embed_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Summed embedding (B, T, dim) of table rows (B, T, num_tables) from ``table_rows``."""
         summed = F.embedding_bag(rows.flatten(0, 1), self.weight, mode="sum")
-        return summed.unflatten(0, tokens.shape)
+        return summed.unflatten(0, rows.shape[:2])
