@@ -88,7 +88,7 @@ def test_ring_attention_matches_full_attention(world_size):
 
 def tiny_config(**overrides) -> BLTConfig:
     base = dict(
-        local_dim=32, local_heads=4, local_kv_heads=2, encoder_layers=2, decoder_layers=2, local_window=8,
+        local_dim=32, local_heads=4, local_kv_heads=2, encoder_layers=2, decoder_layers=2, local_window=12,
         global_dim=48, global_layers=2, global_heads=4, global_kv_heads=2, cross_attn_k=2,
         hash_ngram_sizes=[3, 4, 5], hash_functions=2, hash_vocab=97, rope_theta=10000.0,
     )  # fmt: skip
@@ -101,12 +101,13 @@ def batch_with_documents(seq_len: int = 64) -> tuple[torch.Tensor, torch.Tensor]
     generator = torch.Generator().manual_seed(3)
     tokens = torch.randint(4, 260, (2, seq_len), generator=generator)
     starts = torch.rand(2, seq_len, generator=generator) < 0.35
+    starts[1] = torch.arange(seq_len) % 2 == 1  # two-byte patches: bytes that read across chunk edges
     tokens[:, 0] = 1
     for row, bos_positions in enumerate(([20, 37], [29])):
         for position in bos_positions:
             tokens[row, position - 1], tokens[row, position] = 2, 1
     starts[0, 40:52] = True  # a run of one-byte patches: chunks shorter than the window
-    starts[1, 3:27] = False  # a 24-byte patch, longer than the window and than a chunk
+    starts[1, 3:15] = False  # a 12-byte patch, longer than the window and than a chunk
     starts[:, :2] = True
     starts |= (tokens == 1) | F.pad(tokens == 1, (1, 0))[:, :-1]
     return tokens, patch_lengths(starts)
@@ -172,6 +173,8 @@ def test_batch_exercises_the_hard_cases():
         assert int(chunk_bytes.max()) > int(chunk_bytes.min())  # padded chunks
         edges = padded[:, padded.shape[1] // (2 * cp) :: padded.shape[1] // (2 * cp)]
         assert bool((edges == 1).any())  # a one-byte patch right at a chunk edge
+        # In every chunk after the first, some row's first bytes read the previous chunk's last patch.
+        assert bool((edges > 1).any(dim=0).all())
 
 
 @pytest.mark.slow
