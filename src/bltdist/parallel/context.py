@@ -340,6 +340,8 @@ class ContextParallelLayout(PatchLayout):
 
     @classmethod
     def build(cls, tokens: torch.Tensor, patch_lengths: torch.Tensor, window: int | None, group) -> ContextParallelLayout:
+        """This rank's layout of the full micro-batch tokens (B, T) and patch_lengths (B, P), which
+        every rank of ``group`` (the cp group) passes identically. ``window``: model.blt.local_window."""
         rank, size = dist.get_rank(group), dist.get_world_size(group)
         batch, seq_len = tokens.shape
         num_chunks = 2 * size
@@ -348,52 +350,40 @@ class ContextParallelLayout(PatchLayout):
         _check_right_padded(patch_lengths)
         whole = PatchLayout.build(tokens, patch_lengths, window, backend="sdpa")
         chunk = patch_lengths.shape[1] // num_chunks
-
         chunk_ends = torch.cumsum(patch_lengths, dim=1)[:, chunk - 1 :: chunk].contiguous()  # (B, 2cp)
         chunk_starts = F.pad(chunk_ends[:, :-1], (1, 0))
-        chunk_bytes = chunk_ends - chunk_starts
-        width = max(int(chunk_bytes.max()), 1)
         own_chunks = torch.tensor([rank, num_chunks - 1 - rank], device=tokens.device)
-        offsets = torch.arange(width, device=tokens.device)
-        global_pos = chunk_starts[:, own_chunks, None] + offsets  # (B, 2, width)
-        valid = offsets < chunk_bytes[:, own_chunks, None]
-        byte_index = torch.where(valid, global_pos, 0).flatten(1)
-        valid = valid.flatten(1)
+        own_slot = torch.arange(2, device=tokens.device)
+
+        byte_index, valid = _own_bytes(chunk_starts, chunk_ends, own_chunks)
+        width = byte_index.shape[1] // 2
 
         def local(per_byte: torch.Tensor) -> torch.Tensor:
             return torch.gather(per_byte, 1, byte_index)
 
-        # Local patch index: own chunk k's patches are rows k*C .. k*C + C - 1; padding -> the spare row.
-        own_first_patch = (own_chunks * chunk - torch.arange(2, device=tokens.device) * chunk).repeat_interleave(width)
-        patch_ids = torch.where(valid, local(whole.patch_ids) - own_first_patch, 2 * chunk)
-        # decoder_patch_states puts the previous chunk's last patch before each own chunk: C + 1 rows each.
-        first_source_row = (own_chunks * chunk - 1 - torch.arange(2, device=tokens.device) * (chunk + 1))
-        source_patch = torch.where(valid, local(whole.source_patch) - first_source_row.repeat_interleave(width), 0)
+        # Own slot k holds its chunk's patches in rows k*C .. k*C + C - 1, then one spare row.
+        patch_shift = (own_chunks * chunk - own_slot * chunk).repeat_interleave(width)
+        patch_ids = torch.where(valid, local(whole.patch_ids) - patch_shift, 2 * chunk)
+        # decoder_patch_states gives slot k the rows k*(C+1) .. : the previous chunk's last patch, then its own.
+        source_shift = (own_chunks * chunk - 1 - own_slot * (chunk + 1)).repeat_interleave(width)
+        source_patch = torch.where(valid, local(whole.source_patch) - source_shift, 0)
         byte_docs = torch.where(valid, local(whole.byte_mask.doc_ids), PADDING_DOC)
 
         halo = max(min(window or seq_len, seq_len) - 1, 1)
-        halo_steps = torch.arange(halo, device=tokens.device)
-        own_bytes = chunk_bytes[:, own_chunks, None]
-        tail_rows = (own_bytes - halo + halo_steps).clamp_min(0) + torch.arange(2, device=tokens.device)[:, None] * width
-        halo_pos = chunk_starts[:, own_chunks, None] - halo + halo_steps  # (B, 2, halo)
-        before_start = halo_pos < 0
-        holder = torch.searchsorted(chunk_ends, halo_pos.flatten(1), right=True)  # chunk holding each byte
-        slot = halo_pos.flatten(1) - torch.gather(chunk_ends, 1, holder) + halo
-        halo_index = torch.where(before_start.flatten(1), 0, holder * halo + slot)
-        halo_docs = torch.where(before_start, BEFORE_START_DOC, torch.gather(whole.byte_mask.doc_ids, 1, halo_pos.clamp_min(0).flatten(1)).view_as(halo_pos))
+        tail_rows, halo_index, halo_docs = _halo_plan(chunk_starts, chunk_ends, own_chunks, width, halo, whole.byte_mask.doc_ids)
         chunk_masks = [
-            SelfAttentionMask(torch.cat([halo_docs[:, own], byte_docs.view(batch, 2, width)[:, own]], dim=1), window, "sdpa")
-            for own in range(2)
+            SelfAttentionMask(torch.cat([halo_docs[:, k], byte_docs.view(batch, 2, width)[:, k]], dim=1), window, "sdpa")
+            for k in range(2)
         ]
 
-        chunk_order_index = torch.tensor(chunk_order(size), device=tokens.device).view(size, 2)
-        patch_positions = (chunk_order_index[..., None] * chunk + torch.arange(chunk, device=tokens.device)).flatten(1)
+        order = torch.tensor(chunk_order(size), device=tokens.device).view(size, 2)
+        patch_positions = (order[..., None] * chunk + torch.arange(chunk, device=tokens.device)).flatten(1)  # (cp, 2C)
         patch_docs = whole.patch_mask.doc_ids[:, patch_positions].permute(1, 0, 2)  # (cp, B, 2C)
         return cls(
             patch_ids=patch_ids,
             source_patch=source_patch,
             num_patches=2 * chunk,
-            byte_mask=HaloByteMask(group, width, halo, tail_rows.flatten(1), halo_index, chunk_masks),
+            byte_mask=HaloByteMask(group, width, halo, tail_rows, halo_index, chunk_masks),
             patch_mask=RingPatchMask(group, rank, size, chunk, patch_positions, patch_docs),
             byte_positions=byte_index,
             patch_positions=patch_positions[rank],
@@ -433,3 +423,35 @@ def _check_right_padded(patch_lengths: torch.Tensor) -> None:
     real = patch_lengths > 0
     if bool((real[:, 1:] & ~real[:, :-1]).any()):
         raise ValueError("patch_lengths may hold zero-length patches only as right padding")
+
+
+def _own_bytes(chunk_starts: torch.Tensor, chunk_ends: torch.Tensor, own_chunks: torch.Tensor):
+    """Global byte index (B, 2 * width) of the two own chunks, each right-padded to ``width``, the
+    longest chunk of the batch (so every rank agrees on it), and where it is real (not padding)."""
+    chunk_bytes = chunk_ends - chunk_starts
+    offsets = torch.arange(max(int(chunk_bytes.max()), 1), device=chunk_starts.device)
+    valid = offsets < chunk_bytes[:, own_chunks, None]  # (B, 2, width)
+    byte_index = torch.where(valid, chunk_starts[:, own_chunks, None] + offsets, 0)
+    return byte_index.flatten(1), valid.flatten(1)
+
+
+def _halo_plan(chunk_starts, chunk_ends, own_chunks, width: int, halo: int, doc_ids: torch.Tensor):
+    """Index plans of the halo exchange, all (B, 2 * halo):
+
+    - tail_rows: local rows of each own chunk's last ``halo`` bytes (clamped to the chunk's start
+      when it is shorter; such rows are never read), which this rank contributes;
+    - halo_index: for the ``halo`` bytes before each own chunk, their row in the gathered tails
+      (chunk-major, ``halo`` rows per chunk): found in whichever earlier chunk holds them;
+    - halo_docs: their document ids, BEFORE_START_DOC before the sequence starts.
+    """
+    steps = torch.arange(halo, device=chunk_starts.device)
+    own_bytes = (chunk_ends - chunk_starts)[:, own_chunks, None]
+    slot_offset = torch.arange(2, device=chunk_starts.device)[:, None] * width
+    tail_rows = ((own_bytes - halo + steps).clamp_min(0) + slot_offset).flatten(1)
+    halo_pos = (chunk_starts[:, own_chunks, None] - halo + steps).flatten(1)
+    before_start = halo_pos < 0
+    holder = torch.searchsorted(chunk_ends, halo_pos, right=True)  # first chunk ending after the byte
+    row_in_tail = halo_pos - torch.gather(chunk_ends, 1, holder) + halo
+    halo_index = torch.where(before_start, 0, holder * halo + row_in_tail)
+    halo_docs = torch.where(before_start, BEFORE_START_DOC, torch.gather(doc_ids, 1, halo_pos.clamp_min(0)))
+    return tail_rows, halo_index, halo_docs.view(-1, 2, halo)
