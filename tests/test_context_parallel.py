@@ -152,10 +152,8 @@ def model_worker(rank: int, world_size: int, rendezvous: str, overrides: dict) -
     # near zero: the gradients above are the strict check, this one is the trainer's contract.
     optim = OptimConfig()
     for net in (model, reference_model):
-        optimizer = torch.optim.AdamW(
-            net.parameters(), lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, weight_decay=optim.weight_decay
-        )
-        optimizer.step()
+        betas = (optim.beta1, optim.beta2)
+        torch.optim.AdamW(net.parameters(), optim.lr, betas, optim.eps, optim.weight_decay).step()
     for (name, param), reference_param in zip(model.named_parameters(), reference_model.parameters()):
         error = relative_error(param.detach(), reference_param.detach())
         assert error < TOLERANCE, f"rank {rank}: {name} after one step off by {error:.2e}"

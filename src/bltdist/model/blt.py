@@ -224,7 +224,9 @@ class BLT(nn.Module):
     def init_weights(self) -> None:
         init_weights(self, self.cfg.init_std)
 
-    def forward(self, tokens: torch.Tensor, patch_lengths: torch.Tensor, layout: PatchLayout | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, patch_lengths: torch.Tensor, layout: PatchLayout | None = None
+    ) -> torch.Tensor:
         """tokens: (B, T) byte ids; patch_lengths: (B, P), each row summing to T, zero-padded on
         the right. Returns fp32 logits (B, T, vocab) predicting the next byte.
 

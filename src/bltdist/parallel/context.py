@@ -186,7 +186,8 @@ class _RingAttention(torch.autograd.Function):
                 next_key_values, requests = _start_ring_shift(key_values, mask.group)
             q_part, k_part = mask.visible_parts(source)
             block_k, block_v = key_values[:, k_part].chunk(2, dim=-1)
-            block_out, block_lse = _block_forward(grouped_q[:, q_part], block_k, block_v, mask.visible(source, q_part, k_part))
+            visible = mask.visible(source, q_part, k_part)
+            block_out, block_lse = _block_forward(grouped_q[:, q_part], block_k, block_v, visible)
             _merge_into(out, lse, q_part, block_out, block_lse)
             if step + 1 < mask.size:
                 _finish(requests)
@@ -246,7 +247,9 @@ class RingPatchMask:
     doc_ids: torch.Tensor  # (cp, B, 2C)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return _RingAttention.apply(q, k, v, self)
+        # The blocks and their log-sum-exp merge run in fp32; autocast would cast them back down.
+        with torch.autocast(q.device.type, enabled=False):
+            return _RingAttention.apply(q, k, v, self)
 
     def visible_parts(self, source: int) -> tuple[slice, slice]:
         """Which of our queries can see which of ``source``'s keys at all (load balancing halves
@@ -339,7 +342,7 @@ class ContextParallelLayout(PatchLayout):
     chunk: int
 
     @classmethod
-    def build(cls, tokens: torch.Tensor, patch_lengths: torch.Tensor, window: int | None, group) -> ContextParallelLayout:
+    def build(cls, tokens: torch.Tensor, patch_lengths: torch.Tensor, window: int | None, group) -> PatchLayout:
         """This rank's layout of the full micro-batch tokens (B, T) and patch_lengths (B, P), which
         every rank of ``group`` (the cp group) passes identically. ``window``: model.blt.local_window."""
         rank, size = dist.get_rank(group), dist.get_world_size(group)
@@ -370,10 +373,12 @@ class ContextParallelLayout(PatchLayout):
         byte_docs = torch.where(valid, local(whole.byte_mask.doc_ids), PADDING_DOC)
 
         halo = max(min(window or seq_len, seq_len) - 1, 1)
-        tail_rows, halo_index, halo_docs = _halo_plan(chunk_starts, chunk_ends, own_chunks, width, halo, whole.byte_mask.doc_ids)
+        tail_rows, halo_index, halo_docs = _halo_plan(
+            chunk_starts, chunk_ends, own_chunks, width, halo, whole.byte_mask.doc_ids
+        )
+        chunk_docs = byte_docs.view(batch, 2, width)
         chunk_masks = [
-            SelfAttentionMask(torch.cat([halo_docs[:, k], byte_docs.view(batch, 2, width)[:, k]], dim=1), window, "sdpa")
-            for k in range(2)
+            SelfAttentionMask(torch.cat([halo_docs[:, k], chunk_docs[:, k]], dim=1), window, "sdpa") for k in range(2)
         ]
 
         order = torch.tensor(chunk_order(size), device=tokens.device).view(size, 2)
