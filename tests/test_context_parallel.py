@@ -77,7 +77,7 @@ def ring_attention_worker(rank: int, world_size: int, rendezvous: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_ring_attention_matches_full_attention(world_size):
     run_processes(ring_attention_worker, world_size)
 

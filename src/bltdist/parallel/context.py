@@ -225,9 +225,10 @@ class _RingAttention(torch.autograd.Function):
             if step + 1 < mask.size:
                 _finish(requests)
                 key_values = next_key_values
-            # After cp shifts the accumulator has gone round the ring and is back at its owner.
-            grad_key_values, requests = _start_ring_shift(grad_key_values, mask.group)
-            _finish(requests)
+            if mask.size > 1:
+                # After cp shifts the accumulator has gone round the ring and is back at its owner.
+                grad_key_values, requests = _start_ring_shift(grad_key_values, mask.group)
+                _finish(requests)
         grad_k, grad_v = grad_key_values.chunk(2, dim=-1)
         return grad_q.flatten(2, 3).to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None
 
