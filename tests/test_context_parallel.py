@@ -46,7 +46,8 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def ring_attention_worker(rank: int, world_size: int, rendezvous: str) -> None:
     init_process(rank, world_size, rendezvous)
-    chunk, batch, heads, kv_heads, head_dim = 3, 2, 4, 2, 8
+    batch, heads, kv_heads, head_dim = 2, 4, 2, 8
+    chunk = 3 if world_size > 1 else 5  # at least 10 patches for the documents below
     num_patches = 2 * world_size * chunk
     generator = torch.Generator().manual_seed(1)
     q = torch.randn(batch, num_patches, heads, head_dim, generator=generator, requires_grad=True)
