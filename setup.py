@@ -6,7 +6,7 @@ setup(
     description="PyTorch-native 4D-parallel pretraining of Byte Latent Transformers",
     python_requires=">=3.10",
     package_dir={"bltdist": "src/bltdist", "bltdist.kernels": "kernels"},
-    packages=["bltdist", "bltdist.model", "bltdist.data", "bltdist.kernels"],
+    packages=["bltdist", "bltdist.model", "bltdist.data", "bltdist.parallel", "bltdist.kernels"],
     install_requires=[
         "torch>=2.11",
         "pyyaml",

@@ -69,8 +69,15 @@ class SelfAttentionMask:
         return (same_doc & allowed).unsqueeze(1)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: SelfAttentionMask) -> torch.Tensor:
-    """q: (B, T, H, D); k, v: (B, T, Hkv, D) with Hkv dividing H. Returns (B, T, H, D)."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    """q: (B, T, H, D); k, v: (B, T, Hkv, D) with Hkv dividing H. Returns (B, T, H, D).
+
+    ``mask`` is a SelfAttentionMask, or an object that computes attention itself through
+    ``mask.attend(q, k, v)``: that is how context parallelism (``bltdist.parallel.context``)
+    brings in keys held by other ranks without the model knowing about process groups.
+    """
+    if not isinstance(mask, SelfAttentionMask):
+        return mask.attend(q, k, v)
     if mask.backend == "flash":
         return _flash_attention(q, k, v, mask)
     if mask.backend == "flex":

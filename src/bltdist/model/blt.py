@@ -47,13 +47,29 @@ def document_ids(tokens: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class PatchLayout:
-    """Everything the three stages need to know about how one batch is cut into patches."""
+    """Everything the three stages need to know about how one batch is cut into patches.
 
-    patch_ids: torch.Tensor  # (B, T): patch of each byte
-    source_patch: torch.Tensor  # (B, T): patch whose global output byte t reads in the decoder
+    The model reads a layout only through the fields and two methods below, so a layout of one
+    rank's share of the sequence (``bltdist.parallel.context.ContextParallelLayout``) can stand in
+    for it: there ``local_bytes`` picks the rank's bytes, the masks attend to keys of other ranks,
+    and ``decoder_patch_states`` brings in the patch states that the first bytes of a shard read.
+    """
+
+    patch_ids: torch.Tensor  # (B, T): patch of each byte; num_patches = no patch (padding)
+    source_patch: torch.Tensor  # (B, T): row of decoder_patch_states(...) that byte t reads
     num_patches: int  # P, the padded patch count of the batch
     byte_mask: SelfAttentionMask
     patch_mask: SelfAttentionMask
+    byte_positions: torch.Tensor  # (T,) or (B, T): rotary positions of the bytes
+    patch_positions: torch.Tensor  # (P,): rotary positions of the patches
+
+    def local_bytes(self, per_byte: torch.Tensor) -> torch.Tensor:
+        """The bytes this layout covers of a (B, T, ...) tensor over the whole sequence."""
+        return per_byte
+
+    def decoder_patch_states(self, patch_states: torch.Tensor) -> torch.Tensor:
+        """The patch states (B, P, dim) that ``source_patch`` indexes."""
+        return patch_states
 
     @classmethod
     def build(cls, tokens: torch.Tensor, patch_lengths: torch.Tensor, window: int | None, backend: str):
@@ -81,6 +97,8 @@ class PatchLayout:
             num_patches=patch_lengths.shape[1],
             byte_mask=SelfAttentionMask(byte_docs, window, backend),
             patch_mask=SelfAttentionMask(patch_docs, None, backend),
+            byte_positions=torch.arange(seq_len, device=tokens.device),
+            patch_positions=torch.arange(patch_lengths.shape[1], device=tokens.device),
         )
 
 
@@ -115,9 +133,11 @@ class LocalEncoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor, layout: PatchLayout) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns byte states (B, T, dim) and patch slots (B, P, S, dim)."""
-        h = self.byte_embedding(tokens) + self.hash_embedding(tokens)
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
-        rope = rotary_table(positions, self.dim // self.layers[0].attn.heads, self.rope_theta)
+        # Embedded over the whole sequence, then narrowed to the layout's bytes: an n-gram looks back
+        # across a context-parallel shard's first byte. Lookups cost no FLOPs; a shard pays the
+        # memory of one (B, T, dim) activation for it.
+        h = layout.local_bytes(self.byte_embedding(tokens) + self.hash_embedding(tokens))
+        rope = rotary_table(layout.byte_positions, self.dim // self.layers[0].attn.heads, self.rope_theta)
         slots = None
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, layout.byte_mask)
@@ -126,13 +146,17 @@ class LocalEncoder(nn.Module):
                     slots = self._init_slots(h, layout)
                 cross = self.cross_attn[i if self.all_layers_cross else 0]
                 slots = slots + cross.pool(slots, h, layout.patch_ids)
-        return h, slots
+        return h, slots[:, : layout.num_patches]
 
     def _init_slots(self, h: torch.Tensor, layout: PatchLayout) -> torch.Tensor:
-        """Each patch's slots start from the max over its bytes' states, projected to S slots."""
+        """Each patch's slots start from the max over its bytes' states, projected to S slots.
+
+        One spare patch row collects the bytes of no patch (padding of a context-parallel shard)
+        so that they never touch a real patch; ``forward`` drops it.
+        """
         batch, _, dim = h.shape
         index = layout.patch_ids[..., None].expand(-1, -1, dim)
-        pooled = h.new_zeros(batch, layout.num_patches, dim).scatter_reduce(
+        pooled = h.new_zeros(batch, layout.num_patches + 1, dim).scatter_reduce(
             1, index, h, reduce="amax", include_self=False
         )
         return self.slot_proj(pooled).unflatten(-1, (self.slots, dim))
@@ -152,8 +176,7 @@ class GlobalTransformer(nn.Module):
     def forward(self, patch_inputs: torch.Tensor, layout: PatchLayout) -> torch.Tensor:
         """patch_inputs: (B, P, S * local_dim) -> (B, P, global_dim)."""
         h = self.in_proj(patch_inputs) if self.in_proj is not None else patch_inputs
-        positions = torch.arange(h.shape[1], device=h.device)
-        rope = rotary_table(positions, self.dim // self.layers[0].attn.heads, self.rope_theta)
+        rope = rotary_table(layout.patch_positions, self.dim // self.layers[0].attn.heads, self.rope_theta)
         for layer in self.layers:
             h = layer(h, rope, layout.patch_mask)
         return self.norm(h) if self.norm is not None else h
@@ -180,9 +203,8 @@ class LocalDecoder(nn.Module):
         self.output = nn.Linear(cfg.local_dim, cfg.vocab_size, bias=False)
 
     def forward(self, byte_states: torch.Tensor, patch_states: torch.Tensor, layout: PatchLayout) -> torch.Tensor:
-        slots = self.slot_proj(patch_states).unflatten(-1, (self.slots, self.dim))
-        positions = torch.arange(byte_states.shape[1], device=byte_states.device)
-        rope = rotary_table(positions, self.dim // self.layers[0].attn.heads, self.rope_theta)
+        slots = self.slot_proj(layout.decoder_patch_states(patch_states)).unflatten(-1, (self.slots, self.dim))
+        rope = rotary_table(layout.byte_positions, self.dim // self.layers[0].attn.heads, self.rope_theta)
         h = byte_states
         for i, layer in enumerate(self.layers):
             if self.all_layers_cross or i == 0:
@@ -212,11 +234,17 @@ class BLT(nn.Module):
     def init_weights(self) -> None:
         init_weights(self, self.cfg.init_std)
 
-    def forward(self, tokens: torch.Tensor, patch_lengths: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, patch_lengths: torch.Tensor, layout: PatchLayout | None = None
+    ) -> torch.Tensor:
         """tokens: (B, T) byte ids; patch_lengths: (B, P), each row summing to T, zero-padded on
-        the right. Returns fp32 logits (B, T, vocab) predicting the next byte."""
-        backend = resolve_backend(self.attention_backend, tokens.device)
-        layout = PatchLayout.build(tokens, patch_lengths, self.cfg.local_window, backend)
+        the right. Returns fp32 logits (B, T, vocab) predicting the next byte.
+
+        ``layout`` replaces the one built from tokens and patch_lengths; a context-parallel layout
+        makes the logits those of the rank's bytes only, (B, layout's byte count, vocab)."""
+        if layout is None:
+            backend = resolve_backend(self.attention_backend, tokens.device)
+            layout = PatchLayout.build(tokens, patch_lengths, self.cfg.local_window, backend)
         byte_states, slots = self.encoder(tokens, layout)
         patch_states = self.global_model(slots.flatten(-2), layout)
         return self.decoder(byte_states, patch_states, layout)

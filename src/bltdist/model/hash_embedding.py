@@ -82,4 +82,4 @@ class HashNgramEmbedding(nn.Module):
             return fused
         rows = self.table_rows(tokens)
         summed = F.embedding_bag(rows.flatten(0, 1), self.weight, mode="sum")
-        return summed.unflatten(0, tokens.shape)
+        return summed.unflatten(0, rows.shape[:2])

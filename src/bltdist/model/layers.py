@@ -30,15 +30,16 @@ class RMSNorm(nn.Module):
 
 
 def rotary_table(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (T, head_dim // 2) for the given positions."""
+    """cos and sin of shape (*positions.shape, head_dim // 2): positions are (T,) or, when every
+    row has its own positions (a context-parallel shard), (B, T)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = positions.float()[..., None] * inv_freq
     return angles.cos(), angles.sin()
 
 
 def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Rotate adjacent channel pairs (2i, 2i+1) of x: (B, T, H, D), the BLT reference convention."""
-    cos, sin = (t[None, :, None, :].to(x.dtype) for t in rope)
+    cos, sin = (t.unsqueeze(-2).to(x.dtype) for t in rope)  # broadcast over heads
     pairs = x.unflatten(-1, (-1, 2))
     even, odd = pairs[..., 0], pairs[..., 1]
     return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)

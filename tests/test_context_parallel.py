@@ -1,0 +1,206 @@
+"""Context parallelism against a single-process run: real gloo processes on the CPU, fp32."""
+
+import copy
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from bltdist.config import BLTConfig, Config, OptimConfig
+from bltdist.errors import ConfigError
+from bltdist.model import BLT
+from bltdist.model.attention import SelfAttentionMask, attention
+from bltdist.parallel.context import (
+    ContextParallelLayout,
+    RingPatchMask,
+    check_context_layout,
+    chunk_order,
+    local_loss_sum,
+)
+from bltdist.patching import patch_lengths
+
+TOLERANCE = 1e-5
+
+
+def run_processes(worker, world_size: int, *args) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        mp.spawn(worker, args=(world_size, f"{scratch}/rendezvous", *args), nprocs=world_size, join=True)
+
+
+def init_process(rank: int, world_size: int, rendezvous: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.detach(), expected.detach()
+    return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
+
+
+# ---------------------------------------------------------------------------------------------
+# Ring attention alone
+
+
+def ring_attention_worker(rank: int, world_size: int, rendezvous: str) -> None:
+    init_process(rank, world_size, rendezvous)
+    batch, heads, kv_heads, head_dim = 2, 4, 2, 8
+    chunk = 3 if world_size > 1 else 5  # at least 10 patches for the documents below
+    num_patches = 2 * world_size * chunk
+    generator = torch.Generator().manual_seed(1)
+    q = torch.randn(batch, num_patches, heads, head_dim, generator=generator, requires_grad=True)
+    k = torch.randn(batch, num_patches, kv_heads, head_dim, generator=generator, requires_grad=True)
+    v = torch.randn(batch, num_patches, kv_heads, head_dim, generator=generator, requires_grad=True)
+    weights = torch.randn(batch, num_patches, heads, head_dim, generator=generator)
+    # Documents that end inside chunks, at chunk edges, and trailing padding patches (-1).
+    docs = torch.tensor([
+        [0] * 2 + [1] * 5 + [2] * (num_patches - 9) + [-1] * 2,
+        [0] * 3 + [1] * (num_patches - 4) + [2],
+    ])  # fmt: skip
+    reference = attention(q, k, v, SelfAttentionMask(docs, None, "sdpa"))
+    (reference * weights).sum().backward()
+
+    order = torch.tensor(chunk_order(world_size)).view(world_size, 2)
+    positions = (order[..., None] * chunk + torch.arange(chunk)).flatten(1)
+    mask = RingPatchMask(dist.group.WORLD, rank, world_size, chunk, positions, docs[:, positions].permute(1, 0, 2))
+    mine = positions[rank]
+    local_q, local_k, local_v = (x.detach()[:, mine].clone().requires_grad_() for x in (q, k, v))
+    out = mask.attend(local_q, local_k, local_v)
+    (out * weights[:, mine]).sum().backward()
+
+    assert relative_error(out, reference[:, mine]) < TOLERANCE
+    for name, local, full in (("q", local_q, q), ("k", local_k, k), ("v", local_v, v)):
+        error = relative_error(local.grad, full.grad[:, mine])
+        assert error < TOLERANCE, f"rank {rank}: grad {name} off by {error:.2e}"
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_ring_attention_matches_full_attention(world_size):
+    run_processes(ring_attention_worker, world_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole model
+
+
+def tiny_config(**overrides) -> BLTConfig:
+    base = dict(
+        local_dim=32, local_heads=4, local_kv_heads=2, encoder_layers=2, decoder_layers=2, local_window=12,
+        global_dim=48, global_layers=2, global_heads=4, global_kv_heads=2, cross_attn_k=2,
+        hash_ngram_sizes=[3, 4, 5], hash_functions=2, hash_vocab=97, rope_theta=10000.0,
+    )  # fmt: skip
+    base.update(overrides)
+    return BLTConfig(**base)
+
+
+def batch_with_documents(seq_len: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two rows with several documents, runs of one-byte patches and long patches."""
+    generator = torch.Generator().manual_seed(3)
+    tokens = torch.randint(4, 260, (2, seq_len), generator=generator)
+    starts = torch.rand(2, seq_len, generator=generator) < 0.35
+    starts[1] = torch.arange(seq_len) % 2 == 1  # two-byte patches: bytes that read across chunk edges
+    tokens[:, 0] = 1
+    for row, bos_positions in enumerate(([20, 37], [29])):
+        for position in bos_positions:
+            tokens[row, position - 1], tokens[row, position] = 2, 1
+    starts[0, 40:52] = True  # a run of one-byte patches: chunks shorter than the window
+    starts[1, 3:15] = False  # a 12-byte patch, longer than the window and than a chunk
+    starts[:, :2] = True
+    starts |= (tokens == 1) | F.pad(tokens == 1, (1, 0))[:, :-1]
+    return tokens, patch_lengths(starts)
+
+
+def build_model(cfg: BLTConfig) -> BLT:
+    with torch.device("meta"):
+        model = BLT(cfg)
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.init_weights()
+    return model
+
+
+def model_worker(rank: int, world_size: int, rendezvous: str, overrides: dict) -> None:
+    init_process(rank, world_size, rendezvous)
+    cfg = tiny_config(**overrides)
+    tokens, lengths = batch_with_documents()
+    targets = torch.roll(tokens, -1, dims=1)
+    reference_model = build_model(cfg)
+    model = copy.deepcopy(reference_model)
+
+    reference_loss = F.cross_entropy(reference_model(tokens, lengths).flatten(0, 1), targets.flatten(), reduction="sum")
+    reference_loss.backward()
+    reference_loss = reference_loss.detach()
+
+    layout = ContextParallelLayout.build(tokens, lengths, cfg.local_window, dist.group.WORLD)
+    loss = local_loss_sum(model(tokens, lengths, layout=layout), targets, layout)
+    loss.backward()
+    total_loss = loss.detach().clone()
+    dist.all_reduce(total_loss)
+    for param in model.parameters():
+        dist.all_reduce(param.grad)
+
+    assert abs(float(total_loss / reference_loss) - 1) < TOLERANCE, (float(total_loss), float(reference_loss))
+    for (name, param), reference_param in zip(model.named_parameters(), reference_model.parameters()):
+        error = relative_error(param.grad, reference_param.grad)
+        assert error < TOLERANCE, f"rank {rank}: grad of {name} off by {error:.2e}"
+
+    # The project's AdamW at its full peak lr (the trainer's first step runs at lr / warmup_steps).
+    # Adam's first step is about lr * sign(grad), so it magnifies the rounding noise of gradients
+    # near zero: the gradients above are the strict check, this one is the trainer's contract.
+    optim = OptimConfig()
+    for net in (model, reference_model):
+        betas = (optim.beta1, optim.beta2)
+        torch.optim.AdamW(net.parameters(), optim.lr, betas, optim.eps, optim.weight_decay).step()
+    for (name, param), reference_param in zip(model.named_parameters(), reference_model.parameters()):
+        error = relative_error(param.detach(), reference_param.detach())
+        assert error < TOLERANCE, f"rank {rank}: {name} after one step off by {error:.2e}"
+    dist.destroy_process_group()
+
+
+def test_batch_exercises_the_hard_cases():
+    """The model test's batch must hold what makes cp hard, for cp = 2 and 3 (4 and 6 chunks)."""
+    tokens, lengths = batch_with_documents()
+    assert (lengths == 1).sum() > 10 and int(lengths.max()) > tiny_config().local_window
+    for cp in (2, 3):
+        padded = F.pad(lengths, (0, -lengths.shape[1] % (2 * cp)))
+        chunk_bytes = padded.unflatten(1, (2 * cp, -1)).sum(-1)
+        assert int(chunk_bytes.min()) < tiny_config().local_window - 1  # a halo that spans chunks
+        assert int(chunk_bytes.max()) > int(chunk_bytes.min())  # padded chunks
+        edges = padded[:, padded.shape[1] // (2 * cp) :: padded.shape[1] // (2 * cp)]
+        assert bool((edges == 1).any())  # a one-byte patch right at a chunk edge
+        # In every chunk after the first, some row's first bytes read the previous chunk's last patch.
+        assert bool((edges > 1).any(dim=0).all())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "world_size, overrides",
+    [
+        (2, {}),
+        (2, {"encoder_cross_attn_all_layers": True, "decoder_cross_attn_all_layers": False, "cross_attn_k": 3}),
+        (3, {"local_window": None, "global_final_norm": False}),
+    ],
+)
+def test_context_parallel_matches_single_process(world_size, overrides):
+    run_processes(model_worker, world_size, overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def test_sequences_cp_cannot_split_are_config_errors():
+    cfg = Config()
+    cfg.parallel.cp, cfg.train.seq_len = 4, 7
+    with pytest.raises(ConfigError, match=r"train\.seq_len.*parallel\.cp 4"):
+        check_context_layout(cfg)
+    cfg.model.arch = "entropy"
+    with pytest.raises(ConfigError, match=r"parallel\.cp") as raised:
+        check_context_layout(cfg)
+    assert len(raised.value.problems) == 2
+    cfg.model.arch, cfg.train.seq_len = "blt", 8
+    check_context_layout(cfg)
