@@ -88,6 +88,8 @@ def assert_matches_reference(reference: Path, out: Path) -> None:
 
 LAYOUTS = {
     "dp_shard=2": (2, ["--parallel.dp_shard=2"]),
+    "cp=2": (2, ["--parallel.cp=2", "--parallel.dp_shard=1"]),
+    "dp_shard=2 x cp=2": (4, ["--parallel.cp=2", "--parallel.dp_shard=2"]),
     "dp_replicate=2 x dp_shard=2": (4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"]),
     "tp=2": (2, ["--parallel.tp=2", "--parallel.dp_shard=1"]),
     "dp_shard=2 x tp=2": (4, ["--parallel.tp=2", "--parallel.dp_shard=2"]),
@@ -98,7 +100,8 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_single_process(layout, corpus, reference, tmp_path):
     nproc, parallel_args = LAYOUTS[layout]
-    micro = 8 // (nproc // (2 if "tp=2" in layout else 1)) // 2
+    data_parallel = nproc // (2 if "tp=2" in layout else 1) // (2 if "cp=2" in layout else 1)
+    micro = 8 // data_parallel // 2
     args = [*MODEL, *TRAIN, f"--train.micro_batch_size={micro}", *parallel_args]
     result = run([*args, f"--data.path={corpus}", f"--output_dir={tmp_path}"], nproc)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -169,7 +172,8 @@ def test_bad_layout_exits_2_before_starting(tmp_path):
         (["--parallel.tp=2", "--parallel.dp_shard=2"], 6, "6 process(es)"),
         (["--parallel.dp_shard=-1", "--parallel.tp=4"], 6, "not divisible"),
         (["--parallel.tp=3", "--parallel.dp_shard=1", "--model.blt.global_heads=8"], 3, "global_heads"),
-        (["--parallel.tp=2", "--parallel.dp_shard=1", "--train.seq_len=63"], 2, "train.seq_len"),
+        (["--parallel.cp=4", "--parallel.dp_shard=1", "--train.seq_len=6"], 4, "train.seq_len"),
+        (["--parallel.cp=2", "--parallel.dp_shard=1", "--model.arch=entropy"], 2, "parallel.cp"),
     ],
 )
 def test_bad_layouts_fail_before_any_process_group(overrides, world_size, message):

@@ -38,6 +38,7 @@ from bltdist.parallel import (
     full_state_dict,
     pad_patch_lengths,
 )
+from bltdist.parallel.context import ContextParallelLayout, local_loss_sum
 from bltdist.patching import patch_lengths, patch_starts
 
 
@@ -129,29 +130,44 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -
 class Stepper:
     """Runs micro-batches through the parallelised model: patching, forward, loss, backward.
 
+    Every rank of a context-parallel group gets the same micro-batch and patches it whole; the
+    model then computes the logits of the rank's own bytes only (``bltdist.parallel.context``).
+
     Loss scaling: a rank's backward loss is its summed byte cross-entropy divided by the bytes of
-    the whole global batch, times the number of ranks FSDP averages gradients over. That average
-    is then the gradient of the global mean loss, whatever the layout and accumulation.
+    the whole global batch, times the number of ranks FSDP averages gradients over (dp x cp).
+    That average is then the gradient of the global mean loss, whatever the layout and
+    accumulation: context-parallel ranks hold disjoint bytes whose gradients must add up.
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: Config, dims: ParallelDims, patcher: Patcher | None, autocast):
+    def __init__(self, model: torch.nn.Module, cfg: Config, dims: ParallelDims, mesh, patcher: Patcher | None,
+                 autocast):  # fmt: skip
         self.model, self.patcher, self.autocast = model, patcher, autocast
-        self.patch_multiple = dims.tp  # sequence parallelism splits the patch sequence evenly
+        self.window = cfg.model.blt.local_window
+        self.cp_group = mesh["cp"].get_group() if dims.cp > 1 else None
+        # Sequence parallelism splits each cp rank's patches evenly over tp; cp chunks come in 2 x cp.
+        self.patch_multiple = dims.tp * (2 * dims.cp if dims.cp > 1 else 1)
+        self.counts_patches = dims.cp == 1 or mesh["cp"].get_local_rank() == 0
         self.loss_scale = dims.dp_cp / (cfg.train.global_batch_size * cfg.train.seq_len)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Summed byte cross-entropy (nats) of the micro-batch and its number of real patches."""
+        """Summed byte cross-entropy (nats) of this rank's bytes of the micro-batch, and the number
+        of real patches it counts (each patch is counted by one rank of its cp group)."""
         if self.patcher is None:
             with self.autocast:
                 logits = self.model(tokens)
-            num_patches = tokens.numel()
-        else:
-            lengths = self.patcher(tokens)
-            num_patches = int((lengths > 0).sum())
+            loss_sum = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+            return loss_sum, tokens.numel()
+        lengths = self.patcher(tokens)
+        num_patches = int((lengths > 0).sum()) if self.counts_patches else 0
+        lengths = pad_patch_lengths(lengths, self.patch_multiple)
+        if self.cp_group is None:
             with self.autocast:
-                logits = self.model(tokens, pad_patch_lengths(lengths, self.patch_multiple))
-        loss_sum = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
-        return loss_sum, num_patches
+                logits = self.model(tokens, lengths)
+            return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"), num_patches
+        layout = ContextParallelLayout.build(tokens, lengths, self.window, self.cp_group)
+        with self.autocast:
+            logits = self.model(tokens, lengths, layout=layout)
+        return local_loss_sum(logits, targets, layout), num_patches
 
     def forward_backward(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
         loss_sum, num_patches = self.forward(tokens, targets)
@@ -235,7 +251,7 @@ def train(cfg: Config, train_docs: list[bytes], val_docs: list[bytes]) -> None:
     # With FSDP, its mixed-precision policy casts parameters to bf16; autocast covers the rest.
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not dims.uses_fsdp)
     patcher = Patcher(cfg, device) if cfg.model.arch == "blt" else None
-    stepper = Stepper(model, cfg, dims, patcher, autocast)
+    stepper = Stepper(model, cfg, dims, mesh, patcher, autocast)
     reporter = Reporter(mesh, device)
     loader = PackedByteLoader(train_docs, cfg.train.seq_len, cfg.train.micro_batch_size, dp_rank, dims.dp, cfg.train.seed)
     peak = peak_tflops(torch.cuda.get_device_name(device) if use_cuda else "cpu", cfg.logging.peak_tflops)

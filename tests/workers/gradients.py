@@ -40,7 +40,7 @@ def main() -> None:
         mesh = build_mesh(dims, "cpu")
     model = build_model(cfg, torch.device("cpu"))
     parallelize(model, cfg, dims, mesh, bf16=False)
-    stepper = Stepper(model, cfg, dims, Patcher(cfg, torch.device("cpu")), torch.autocast("cpu", enabled=False))
+    stepper = Stepper(model, cfg, dims, mesh, Patcher(cfg, torch.device("cpu")), torch.autocast("cpu", enabled=False))
     tokens, targets = fixed_batch(cfg)
     dp_rank = mesh.dp.get_local_rank() if mesh is not None else 0
     per_rank = cfg.train.global_batch_size // dims.dp

@@ -20,6 +20,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from bltdist.config import Config, data_parallel_size
 from bltdist.errors import ConfigError
+from bltdist.parallel.context import check_context_layout
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
@@ -77,11 +78,10 @@ def check_layout(cfg: Config, world_size: int) -> None:
             width = getattr(blt, key) or int(8 * (blt.global_dim if key == "global_ffn_dim" else blt.local_dim) / 3)
             if width % parallel.tp:
                 problems.append(f"parallel.tp: {parallel.tp} must divide the FFN width model.blt.{key} ({width})")
-        if cfg.train.seq_len % parallel.tp:
-            problems.append(
-                f"train.seq_len: {cfg.train.seq_len} must be divisible by parallel.tp ({parallel.tp}) "
-                "(sequence parallelism splits each sequence across tensor-parallel ranks)"
-            )
+    try:
+        check_context_layout(cfg)
+    except ConfigError as error:
+        problems += error.problems
     if problems:
         raise ConfigError(problems)
 
