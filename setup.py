@@ -14,9 +14,9 @@ setup(
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
-        "dev": ["pytest", "transformers>=5", "pyarrow"],
+        "dev": ["pytest", "transformers>=5", "pyarrow", "matplotlib"],
         "parquet": ["pyarrow"],
         "flash": ["flash-attn"],
     },
-    entry_points={"console_scripts": ["bltdist-train=bltdist.train:main"]},
+    entry_points={"console_scripts": ["bltdist-train=bltdist.train:main", "bltdist-patch=bltdist.patch:main"]},
 )

@@ -26,7 +26,7 @@ from bltdist.flops import peak_tflops, training_flops_per_byte
 from bltdist.metrics import MetricsLogger, peak_memory_gb
 from bltdist.model import BLT, ByteLM
 from bltdist.model.layers import TransformerBlock
-from bltdist.patching import patch_lengths, patch_starts
+from bltdist.patcher import Patcher
 
 
 def build_model(cfg: Config, device: torch.device) -> torch.nn.Module:
@@ -50,34 +50,6 @@ def apply_activation_checkpointing_and_compile(model: torch.nn.Module, cfg: Conf
             if isinstance(child, TransformerBlock):
                 wrapped = checkpoint_wrapper(child) if cfg.train.activation_checkpointing else child
                 parent.register_module(name, torch.compile(wrapped) if cfg.train.compile else wrapped)
-
-
-class Patcher:
-    """Cuts a batch of tokens into patches by the configured rule; returns lengths (B, P)."""
-
-    def __init__(self, cfg: Config, device: torch.device):
-        self.cfg = cfg.patching
-        self.entropy_model = None
-        if self.cfg.mode == "entropy":
-            from bltdist.config import load_config as load_run_config
-
-            entropy_cfg = load_run_config(str(Path(self.cfg.entropy_model) / "config.yaml"), [])
-            self.entropy_model = ByteLM(entropy_cfg.model.entropy).to(device)
-            load_model_weights(self.entropy_model, self.cfg.entropy_model)
-            self.entropy_model.eval()
-
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        entropies = self.entropy_model.entropies(tokens) if self.entropy_model is not None else None
-        starts = patch_starts(
-            tokens,
-            self.cfg.mode,
-            patch_size=self.cfg.patch_size,
-            entropies=entropies,
-            threshold=self.cfg.threshold,
-            threshold_mode=self.cfg.threshold_mode,
-            max_patch_length=self.cfg.max_patch_length,
-        )
-        return patch_lengths(starts)
 
 
 def lr_factor(step: int, cfg: Config) -> float:
@@ -111,14 +83,23 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -
     )
 
 
-def forward_loss(model, tokens, targets, patcher: Patcher | None, autocast) -> tuple[torch.Tensor, int]:
+def next_batch(loader: PackedByteLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(inputs, targets, entropies or None) on ``device``; entropies when the loader has an entropy source."""
+    if loader.entropy_source is None:
+        return (*(t.to(device, non_blocking=True) for t in loader.next_batch()), None)
+    return tuple(t.to(device, non_blocking=True) for t in loader.next_batch_with_entropies())
+
+
+def forward_loss(
+    model, tokens, targets, patcher: Patcher | None, autocast, entropies: torch.Tensor | None = None
+) -> tuple[torch.Tensor, int]:
     """Summed byte cross-entropy in nats and the number of patches of the micro-batch."""
     if patcher is None:
         with autocast:
             logits = model(tokens)
         num_patches = tokens.numel()
     else:
-        lengths = patcher(tokens)
+        lengths = patcher(tokens, entropies)
         with autocast:
             logits = model(tokens, lengths)
         num_patches = int((lengths > 0).sum())
@@ -138,13 +119,14 @@ def evaluate(model, documents, cfg: Config, dp_rank: int, dp_size: int, accum: i
     """Mean held-out loss in nats per byte over the first ``val_batches`` global batches of the
     held-out stream: the same sequences whatever the layout, split across ranks like training."""
     loader = PackedByteLoader(
-        documents, cfg.train.seq_len, cfg.train.micro_batch_size, dp_rank, dp_size, cfg.train.seed, shuffle=False
-    )
+        documents, cfg.train.seq_len, cfg.train.micro_batch_size, dp_rank, dp_size, cfg.train.seed, shuffle=False,
+        entropy_source=patcher.entropy_source(documents) if patcher is not None else None,
+    )  # fmt: skip
     model.eval()
     loss_sum = byte_count = 0.0
     for _ in range(cfg.train.val_batches * accum):
-        tokens, targets = (t.to(device) for t in loader.next_batch())
-        batch_loss, _ = forward_loss(model, tokens, targets, patcher, autocast)
+        tokens, targets, entropies = next_batch(loader, device)
+        batch_loss, _ = forward_loss(model, tokens, targets, patcher, autocast, entropies)
         loss_sum += float(batch_loss)
         byte_count += targets.numel()
     model.train()
@@ -182,10 +164,11 @@ def train(cfg: Config, train_docs: list[bytes], val_docs: list[bytes]) -> None:
 
     bf16 = cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and use_cuda)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    patcher = Patcher(cfg, device) if cfg.model.arch == "blt" else None
+    patcher = Patcher(cfg.patching, device) if cfg.model.arch == "blt" else None
     loader = PackedByteLoader(
-        train_docs, cfg.train.seq_len, cfg.train.micro_batch_size, dp_rank, dp_size, cfg.train.seed
-    )
+        train_docs, cfg.train.seq_len, cfg.train.micro_batch_size, dp_rank, dp_size, cfg.train.seed,
+        entropy_source=patcher.entropy_source(train_docs) if patcher is not None else None,
+    )  # fmt: skip
     peak = peak_tflops(torch.cuda.get_device_name(device) if use_cuda else "cpu", cfg.logging.peak_tflops)
     logger.info(
         f"bltdist: {cfg.model.arch} model, {param_count / 1e6:.2f}M parameters, {world_size} process(es) on "
@@ -208,11 +191,11 @@ def train(cfg: Config, train_docs: list[bytes], val_docs: list[bytes]) -> None:
     for step in range(1, cfg.train.steps + 1):
         loss_sum = patch_count = 0.0
         for micro in range(accum):
-            tokens, targets = (t.to(device, non_blocking=True) for t in loader.next_batch())
+            tokens, targets, entropies = next_batch(loader, device)
             last_micro = micro == accum - 1
             sync = contextlib.nullcontext() if last_micro or world_size == 1 else train_model.no_sync()
             with sync:
-                batch_loss, num_patches = forward_loss(train_model, tokens, targets, patcher, autocast)
+                batch_loss, num_patches = forward_loss(train_model, tokens, targets, patcher, autocast, entropies)
                 # Mean over this rank's bytes of the step; DDP then averages over ranks, so the
                 # gradient is that of the mean over the global batch, whatever the layout.
                 (batch_loss / (targets.numel() * accum)).backward()
