@@ -313,3 +313,33 @@ def test_bad_input_exits_2_with_a_clear_message(tmp_path, capsys):
     # The command line itself: a subprocess exits with code 2 and no traceback.
     result = run_module("bltdist.patch", cases[2][0])
     assert result.returncode == 2 and "--target-patch-size" in result.stderr and "Traceback" not in result.stderr
+
+
+# Training
+
+
+@pytest.mark.slow
+def test_training_on_precomputed_entropies_equals_training_with_online_patching(tmp_path, trained_entropy_model):
+    from test_train import SMALL
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "prose.txt").write_bytes((stdlib_root() / "LICENSE.txt").read_bytes()[:6000])
+    for name in CODE_FILES:
+        (data / name.replace("/", "_")).write_bytes((stdlib_root() / name).read_bytes()[:6000])
+    documents = [document for _, document in load_documents(str(data))]
+    precompute(str(trained_entropy_model), documents, str(tmp_path / "pre"), shard_tokens=5000, workers=1,
+               log=lambda _: None)  # fmt: skip
+    args = [*SMALL, "--train.steps=3", f"--data.path={data}", "--data.val_fraction=0.3", "--patching.mode=entropy",
+            f"--patching.entropy_model={trained_entropy_model}", "--patching.threshold=3.0",
+            "--patching.max_patch_length=8"]  # fmt: skip
+    records = {}
+    for name, extra in (("online", []), ("precomputed", [f"--patching.entropies={tmp_path / 'pre'}"])):
+        result = run_module("bltdist.train", [*args, *extra, f"--output_dir={tmp_path / name}"])
+        assert result.returncode == 0, result.stderr
+        records[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    for online, offline in zip(records["online"], records["precomputed"], strict=True):
+        for key in ("loss", "avg_patch_len", "grad_norm", "val_loss"):
+            assert online.get(key) == offline.get(key), key
+    patch_lengths_seen = [r["avg_patch_len"] for r in records["online"] if "avg_patch_len" in r]
+    assert all(1.5 < length < 8 for length in patch_lengths_seen)
