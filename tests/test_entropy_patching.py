@@ -330,8 +330,10 @@ def test_training_on_precomputed_entropies_equals_training_with_online_patching(
     documents = [document for _, document in load_documents(str(data))]
     precompute(str(trained_entropy_model), documents, str(tmp_path / "pre"), shard_tokens=5000, workers=1,
                log=lambda _: None)  # fmt: skip
+    rows = packed_rows(entropy_sample(EntropyModel(trained_entropy_model), documents, None, seed=0), seq_len=64)
+    threshold, _ = calibrate_threshold(rows, 4.0, "global", max_patch_length=8)
     args = [*SMALL, "--train.steps=3", f"--data.path={data}", "--data.val_fraction=0.3", "--patching.mode=entropy",
-            f"--patching.entropy_model={trained_entropy_model}", "--patching.threshold=3.0",
+            f"--patching.entropy_model={trained_entropy_model}", f"--patching.threshold={threshold!r}",
             "--patching.max_patch_length=8"]  # fmt: skip
     records = {}
     for name, extra in (("online", []), ("precomputed", [f"--patching.entropies={tmp_path / 'pre'}"])):
@@ -342,4 +344,5 @@ def test_training_on_precomputed_entropies_equals_training_with_online_patching(
         for key in ("loss", "avg_patch_len", "grad_norm", "val_loss"):
             assert online.get(key) == offline.get(key), key
     patch_lengths_seen = [r["avg_patch_len"] for r in records["online"] if "avg_patch_len" in r]
-    assert all(1.5 < length < 8 for length in patch_lengths_seen)
+    # Calibrated for 4 bytes on the same documents; 3 steps of 256 bytes land near it on average.
+    assert 2.5 < sum(patch_lengths_seen) / len(patch_lengths_seen) < 5.5, patch_lengths_seen
