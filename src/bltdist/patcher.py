@@ -59,7 +59,6 @@ class EntropyModel:
             )
         self.config = run_config.model.entropy
         self.context = run_config.train.seq_len
-        self._key = key
         self._network: ByteLM | None = None
         self._fingerprint: str | None = None
 
