@@ -14,9 +14,15 @@ setup(
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
-        "dev": ["pytest", "transformers>=5", "pyarrow"],
+        "dev": ["pytest", "transformers>=5", "pyarrow", "matplotlib"],
         "parquet": ["pyarrow"],
         "flash": ["flash-attn"],
     },
-    entry_points={"console_scripts": ["bltdist-train=bltdist.train:main", "bltdist-convert=bltdist.convert:main"]},
+    entry_points={
+        "console_scripts": [
+            "bltdist-train=bltdist.train:main",
+            "bltdist-convert=bltdist.convert:main",
+            "bltdist-patch=bltdist.patch:main",
+        ]
+    },
 )

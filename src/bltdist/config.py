@@ -128,6 +128,9 @@ class PatchingConfig:
     threshold_mode: str = setting("global", "compare H(t), or its rise H(t) - H(t-1)", choices=("global", "monotonic"))
     max_patch_length: int | None = setting(None, "split longer patches; null = no limit", ge=1)
     entropy_model: str | None = setting(None, "directory of a trained entropy model; required in entropy mode")
+    entropies: str | None = setting(
+        None, "entropy mode: output of `python -m bltdist.patch precompute`; null = run the entropy model online"
+    )
 
 
 @dataclasses.dataclass

@@ -39,7 +39,7 @@ from bltdist.parallel import (
     pad_patch_lengths,
 )
 from bltdist.parallel.context import ContextParallelLayout, local_loss_sum
-from bltdist.patching import patch_lengths, patch_starts
+from bltdist.patcher import Patcher
 
 
 def build_model(cfg: Config, device: torch.device) -> torch.nn.Module:
@@ -66,34 +66,6 @@ def apply_activation_checkpointing_and_compile(model: torch.nn.Module, cfg: Conf
             if isinstance(child, TransformerBlock):
                 wrapped = checkpoint_wrapper(child) if cfg.train.activation_checkpointing else child
                 parent.register_module(name, torch.compile(wrapped) if cfg.train.compile else wrapped)
-
-
-class Patcher:
-    """Cuts a batch of tokens into patches by the configured rule; returns lengths (B, P)."""
-
-    def __init__(self, cfg: Config, device: torch.device):
-        self.cfg = cfg.patching
-        self.entropy_model = None
-        if self.cfg.mode == "entropy":
-            from bltdist.config import load_config as load_run_config
-
-            entropy_cfg = load_run_config(str(Path(self.cfg.entropy_model) / "config.yaml"), [])
-            self.entropy_model = ByteLM(entropy_cfg.model.entropy).to(device)
-            load_model_weights(self.entropy_model, self.cfg.entropy_model)
-            self.entropy_model.eval()
-
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        entropies = self.entropy_model.entropies(tokens) if self.entropy_model is not None else None
-        starts = patch_starts(
-            tokens,
-            self.cfg.mode,
-            patch_size=self.cfg.patch_size,
-            entropies=entropies,
-            threshold=self.cfg.threshold,
-            threshold_mode=self.cfg.threshold_mode,
-            max_patch_length=self.cfg.max_patch_length,
-        )
-        return patch_lengths(starts)
 
 
 def lr_factor(step: int, cfg: Config) -> float:
@@ -149,15 +121,16 @@ class Stepper:
         self.counts_patches = dims.cp == 1 or mesh["cp"].get_local_rank() == 0
         self.loss_scale = dims.dp_cp / (cfg.train.global_batch_size * cfg.train.seq_len)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor, entropies: torch.Tensor | None) -> tuple[torch.Tensor, int]:
         """Summed byte cross-entropy (nats) of this rank's bytes of the micro-batch, and the number
-        of real patches it counts (each patch is counted by one rank of its cp group)."""
+        of real patches it counts (each patch is counted by one rank of its cp group).
+        ``entropies``: precomputed next-byte entropies of the tokens, or None (online patching)."""
         if self.patcher is None:
             with self.autocast:
                 logits = self.model(tokens)
             loss_sum = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
             return loss_sum, tokens.numel()
-        lengths = self.patcher(tokens)
+        lengths = self.patcher(tokens, entropies)
         num_patches = int((lengths > 0).sum()) if self.counts_patches else 0
         lengths = pad_patch_lengths(lengths, self.patch_multiple)
         if self.cp_group is None:
@@ -169,10 +142,17 @@ class Stepper:
             logits = self.model(tokens, lengths, layout=layout)
         return local_loss_sum(logits, targets, layout), num_patches
 
-    def forward_backward(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
-        loss_sum, num_patches = self.forward(tokens, targets)
+    def forward_backward(self, tokens, targets, entropies) -> tuple[float, int]:
+        loss_sum, num_patches = self.forward(tokens, targets, entropies)
         (loss_sum * self.loss_scale).backward()
         return float(loss_sum.detach()), num_patches
+
+
+def next_batch(loader: PackedByteLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(inputs, targets, entropies or None) on ``device``; entropies when the loader has an entropy source."""
+    if loader.entropy_source is None:
+        return (*(t.to(device, non_blocking=True) for t in loader.next_batch()), None)
+    return tuple(t.to(device, non_blocking=True) for t in loader.next_batch_with_entropies())
 
 
 class Reporter:
@@ -197,13 +177,13 @@ def evaluate(stepper: Stepper, reporter: Reporter, documents, cfg: Config, dp_ra
     """Mean held-out loss in nats per byte over the first ``val_batches`` global batches of the
     held-out stream: the same sequences whatever the layout, split across ranks like training."""
     loader = PackedByteLoader(
-        documents, cfg.train.seq_len, cfg.train.micro_batch_size, dp_rank, dp_size, cfg.train.seed, shuffle=False
-    )
+        documents, cfg.train.seq_len, cfg.train.micro_batch_size, dp_rank, dp_size, cfg.train.seed, shuffle=False,
+        entropy_source=stepper.patcher.entropy_source(documents) if stepper.patcher is not None else None,
+    )  # fmt: skip
     stepper.model.eval()
     loss_sum = 0.0
     for _ in range(cfg.train.val_batches * accum):
-        tokens, targets = (t.to(device) for t in loader.next_batch())
-        loss_sum += float(stepper.forward(tokens, targets)[0])
+        loss_sum += float(stepper.forward(*next_batch(loader, device))[0])
     stepper.model.train()
     byte_count = cfg.train.val_batches * cfg.train.global_batch_size * cfg.train.seq_len
     return reporter.sum([loss_sum])[0] / byte_count
@@ -250,10 +230,13 @@ def train(cfg: Config, train_docs: list[bytes], val_docs: list[bytes]) -> None:
 
     # With FSDP, its mixed-precision policy casts parameters to bf16; autocast covers the rest.
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not dims.uses_fsdp)
-    patcher = Patcher(cfg, device) if cfg.model.arch == "blt" else None
+    patcher = Patcher(cfg.patching, device) if cfg.model.arch == "blt" else None
     stepper = Stepper(model, cfg, dims, mesh, patcher, autocast)
     reporter = Reporter(mesh, device)
-    loader = PackedByteLoader(train_docs, cfg.train.seq_len, cfg.train.micro_batch_size, dp_rank, dims.dp, cfg.train.seed)
+    loader = PackedByteLoader(
+        train_docs, cfg.train.seq_len, cfg.train.micro_batch_size, dp_rank, dims.dp, cfg.train.seed,
+        entropy_source=patcher.entropy_source(train_docs) if patcher is not None else None,
+    )  # fmt: skip
     peak = peak_tflops(torch.cuda.get_device_name(device) if use_cuda else "cpu", cfg.logging.peak_tflops)
     layout = " x ".join(f"{name}={size}" for name, size in zip(("pp", "dp_replicate", "dp_shard", "cp", "tp"), dims.sizes()))
     logger.info(
@@ -278,11 +261,11 @@ def train(cfg: Config, train_docs: list[bytes], val_docs: list[bytes]) -> None:
     run_start = time.perf_counter()
     for step in range(1, cfg.train.steps + 1):
         for micro in range(accum):
-            tokens, targets = (t.to(device, non_blocking=True) for t in loader.next_batch())
+            tokens, targets, entropies = next_batch(loader, device)
             if dims.uses_fsdp:
                 # Reduce-scatter gradients once per optimizer step, not once per micro-batch.
                 model.set_requires_gradient_sync(micro == accum - 1)
-            loss_sum, num_patches = stepper.forward_backward(tokens, targets)
+            loss_sum, num_patches = stepper.forward_backward(tokens, targets, entropies)
             window["loss"] += loss_sum
             window["patches"] += num_patches
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")

@@ -40,12 +40,12 @@ def main() -> None:
         mesh = build_mesh(dims, "cpu")
     model = build_model(cfg, torch.device("cpu"))
     parallelize(model, cfg, dims, mesh, bf16=False)
-    stepper = Stepper(model, cfg, dims, mesh, Patcher(cfg, torch.device("cpu")), torch.autocast("cpu", enabled=False))
+    stepper = Stepper(model, cfg, dims, mesh, Patcher(cfg.patching, torch.device("cpu")), torch.autocast("cpu", enabled=False))
     tokens, targets = fixed_batch(cfg)
     dp_rank = mesh.dp.get_local_rank() if mesh is not None else 0
     per_rank = cfg.train.global_batch_size // dims.dp
     mine = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
-    stepper.forward_backward(tokens[mine], targets[mine])
+    stepper.forward_backward(tokens[mine], targets[mine], None)
     grads = {}
     for name, param in model.named_parameters():
         grad = param.grad.full_tensor() if isinstance(param.grad, DTensor) else param.grad

@@ -1,6 +1,6 @@
 """Training data: document sources, the train/held-out split and the packed sequence loader."""
 
-from bltdist.data.loader import PackedByteLoader
+from bltdist.data.loader import EntropySource, PackedByteLoader, document_tokens
 from bltdist.data.sources import iter_documents, list_files, load_documents, split_documents
 
 
@@ -10,7 +10,9 @@ def build_datasets(path: str | None, text_field: str, val_fraction: float) -> tu
 
 
 __all__ = [
+    "EntropySource",
     "PackedByteLoader",
+    "document_tokens",
     "build_datasets",
     "iter_documents",
     "list_files",

@@ -5,9 +5,15 @@ order reshuffled per epoch from (seed, epoch). Global sequence g is stream[g*L :
 (L = seq_len), so consecutive sequences overlap by one token and every token is a target exactly
 once. Sequence g belongs to data-parallel rank (g // micro_batch_size) % dp_size, which makes the
 global batch [step*G, (step+1)*G) the same sequences for every layout with G sequences per step.
+
+With an entropy source the loader also serves, for every input token, the next-byte entropy of the
+entropy model. Entropies belong to documents, not to sequences (see ``bltdist.patcher``): the
+loader finds which documents a sequence window covers and asks the source for exactly those
+spans, so a sequence that starts mid-document gets the same entropies as the whole document would.
 """
 
 import random
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -16,6 +22,21 @@ from bltdist.errors import DataError
 from bltdist.patching import BOS_ID, BYTE_OFFSET, EOS_ID
 
 STATE_VERSION = 1
+
+
+class EntropySource(Protocol):
+    """Next-byte entropies of the loader's documents, by document index and token span."""
+
+    def span(self, document_index: int, start: int, stop: int) -> np.ndarray:
+        """float32 entropies of tokens [start, stop) of document ``document_index`` ([BOS] + bytes + [EOS])."""
+
+
+def document_tokens(document: bytes) -> np.ndarray:
+    """One document as the loader tokenises it: [BOS] + bytes + [EOS], int16."""
+    tokens = np.empty(len(document) + 2, dtype=np.int16)
+    tokens[0], tokens[-1] = BOS_ID, EOS_ID
+    tokens[1:-1] = np.frombuffer(document, dtype=np.uint8).astype(np.int16) + BYTE_OFFSET
+    return tokens
 
 
 class PackedByteLoader:
@@ -30,6 +51,7 @@ class PackedByteLoader:
         dp_size: int,
         seed: int,
         shuffle: bool = True,
+        entropy_source: EntropySource | None = None,
     ):
         if not documents:
             raise ValueError("PackedByteLoader needs at least one document")
@@ -43,8 +65,10 @@ class PackedByteLoader:
         self.dp_size = dp_size
         self.seed = seed
         self.shuffle = shuffle
+        self.entropy_source = entropy_source
         self._tokens, self._doc_bounds = _tokenise(documents)
         self._epoch_streams: dict[int, np.ndarray] = {}
+        self._epoch_orders: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._batches_served = 0  # micro-batches served to this rank; all ranks advance in lockstep
 
     @property
@@ -73,12 +97,29 @@ class PackedByteLoader:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next micro_batch_size sequences of this rank as (inputs, targets)."""
+        inputs, targets, _ = self._next(with_entropies=False)
+        return inputs, targets
+
+    def next_batch_with_entropies(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(inputs, targets, entropies): entropies (micro_batch_size, seq_len) float32, one per input token."""
+        if self.entropy_source is None:
+            raise ValueError("this loader has no entropy source; pass entropy_source to serve entropies")
+        return self._next(with_entropies=True)
+
+    def _next(self, with_entropies: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         first_sequence = (self._batches_served * self.dp_size + self.dp_rank) * self.micro_batch_size
         # This rank's micro-batch is a run of consecutive sequences: one window covers all of them.
-        window = self._stream_window(first_sequence * self.seq_len, self.micro_batch_size * self.seq_len + 1)
+        start, length = first_sequence * self.seq_len, self.micro_batch_size * self.seq_len
+        window = self._stream_window(start, length + 1)
         sequences = torch.from_numpy(window).long().unfold(0, self.seq_len + 1, self.seq_len)
+        entropies = None
+        if with_entropies:
+            values = np.concatenate([
+                self.entropy_source.span(document, lo, hi) for document, lo, hi in self._window_documents(start, length)
+            ])  # fmt: skip
+            entropies = torch.from_numpy(values).view(self.micro_batch_size, self.seq_len)
         self._batches_served += 1
-        return sequences[:, :-1].contiguous(), sequences[:, 1:].contiguous()
+        return sequences[:, :-1].contiguous(), sequences[:, 1:].contiguous(), entropies
 
     def state_dict(self) -> dict:
         """Small, JSON-serialisable and the same on every rank when ranks are in lockstep."""
@@ -125,13 +166,15 @@ class PackedByteLoader:
             )
         self._batches_served = consumed // per_round
         self._epoch_streams.clear()
+        self._epoch_orders.clear()
 
     def _stream_window(self, start: int, length: int) -> np.ndarray:
         """stream[start : start + length] of the endless stream, crossing epochs as needed."""
         epoch_tokens = self.epoch_tokens
         first_epoch = start // epoch_tokens
-        for stale in [e for e in self._epoch_streams if e < first_epoch]:
-            del self._epoch_streams[stale]
+        for cache in (self._epoch_streams, self._epoch_orders):
+            for stale in [e for e in cache if e < first_epoch]:
+                del cache[stale]
         pieces = []
         position, end = start, start + length
         while position < end:
@@ -141,13 +184,41 @@ class PackedByteLoader:
             position += take
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
+    def _window_documents(self, start: int, length: int) -> list[tuple[int, int, int]]:
+        """(document index, first token, end token) of each document piece in stream[start : start + length]."""
+        pieces = []
+        position, end = start, start + length
+        while position < end:
+            epoch, offset = divmod(position, self.epoch_tokens)
+            order, order_starts = self._epoch_order(epoch)
+            slot = int(np.searchsorted(order_starts, offset, side="right")) - 1
+            document = int(order[slot])
+            document_start = int(order_starts[slot])
+            document_length = int(self._doc_bounds[document + 1] - self._doc_bounds[document])
+            lo = offset - document_start
+            hi = min(document_length, lo + end - position)
+            pieces.append((document, lo, hi))
+            position += hi - lo
+        return pieces
+
+    def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Document order of ``epoch`` and where each document starts in the epoch's stream."""
+        if epoch not in self._epoch_orders:
+            order = np.arange(self.num_documents)
+            if self.shuffle:
+                shuffled = list(range(self.num_documents))
+                # A string seed hashes the same on every platform and Python version.
+                random.Random(f"bltdist:{self.seed}:{epoch}").shuffle(shuffled)
+                order = np.asarray(shuffled, dtype=np.int64)
+            lengths = np.diff(self._doc_bounds)[order]
+            self._epoch_orders[epoch] = (order, np.cumsum(lengths) - lengths)
+        return self._epoch_orders[epoch]
+
     def _epoch_stream(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
             return self._tokens
         if epoch not in self._epoch_streams:
-            order = list(range(self.num_documents))
-            # A string seed hashes the same on every platform and Python version.
-            random.Random(f"bltdist:{self.seed}:{epoch}").shuffle(order)
+            order, _ = self._epoch_order(epoch)
             bounds = self._doc_bounds
             self._epoch_streams[epoch] = np.concatenate([self._tokens[bounds[i] : bounds[i + 1]] for i in order])
         return self._epoch_streams[epoch]
