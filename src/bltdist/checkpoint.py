@@ -23,7 +23,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -50,11 +50,11 @@ def save_weights_dir(tensors: dict[str, torch.Tensor], cfg, path: str | Path) ->
         for file in staging.iterdir():
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
-        _fsync_dir(staging)
+        fsync_dir(staging)
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
