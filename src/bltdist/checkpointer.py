@@ -295,6 +295,10 @@ class Checkpointer:
         self.executor = ThreadPoolExecutor(max_workers=1) if cfg.checkpoint.async_save else None
         self.pending: Future | None = None
         self.preempted = False
+        if self.rank == 0 and self.root.is_dir():
+            # Left by a save that was interrupted; never read, and in the way of the next save.
+            for leftover in self.root.glob(".step_*"):
+                shutil.rmtree(leftover)
         self.resume_from = resolve_resume(cfg)
         if self.resume_from is not None:
             self.resume_metadata = read_metadata(self.resume_from)
