@@ -7,7 +7,9 @@ learning rate 0. Per size it times, on every rank (the figure is the slowest ran
 - sync save: ``save()`` until the checkpoint is committed (``latest`` replaced);
 - async save: ``save()`` until training may go on (the state is copied to CPU), and until committed;
 - load: building the Checkpointer (checksums of every shard, split over the ranks) plus ``restore()``;
-- for comparison, DCP's default ``FileSystemWriter`` (torch.save format) on the same state.
+- for comparison, DCP's default ``FileSystemWriter`` (torch.save format) on the same state, and the
+  floor of a writer of our own: each rank's local tensors through ``safetensors.torch.save_file``
+  plus fsync (no offsets, no checksums, no commit).
 
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 benchmarks/checkpoint.py [--sizes tiny mid]
 
@@ -31,7 +33,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from bltdist.checkpointer import Checkpointer, _materialise_optimizer_state, _tensor_state
+from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
+
+from bltdist.checkpointer import Checkpointer, _flatten, _materialise_optimizer_state, _tensor_state
 from bltdist.config import grad_accum_steps, load_config
 from bltdist.data import PackedByteLoader
 from bltdist.parallel import ParallelDims, build_mesh
@@ -123,6 +128,15 @@ def measure(size: str, world_size: int, mesh, scratch: Path) -> dict:
     )
     if dist.is_initialized():
         dist.barrier()
+    local_file = out / f"local-{dist.get_rank() if dist.is_initialized() else 0}.safetensors"
+
+    def save_local_tensors():
+        local = {name: (t.to_local() if isinstance(t, DTensor) else t).contiguous() for name, t in _flatten(state)}
+        save_file(local, local_file)
+        with open(local_file, "rb") as handle:
+            os.fsync(handle.fileno())
+
+    figures["own_writer_floor_save_s"], _ = timed(save_local_tensors)
     if int(os.environ.get("RANK", "0")) == 0:
         figures["dcp_filesystem_writer_bytes_total"] = sum(p.stat().st_size for p in torch_save_dir.iterdir())
     return {"parameters": params, "layout": layout, "overrides": SIZES[size], **figures}
