@@ -46,7 +46,7 @@ def trained_entropy_model(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("entropy_run")
     result = run_module("bltdist.train", [*TINY_ENTROPY_MODEL, f"--output_dir={out}"])
     assert result.returncode == 0, result.stderr
-    return out / "checkpoints" / "step_300"
+    return out / "model"
 
 
 @pytest.fixture(scope="module", autouse=True)

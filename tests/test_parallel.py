@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from bltdist.checkpointer import consolidate
 from bltdist.config import load_config
 from bltdist.errors import ConfigError
 from bltdist.parallel import check_layout
@@ -30,7 +31,7 @@ MODEL = [
 TRAIN = [
     "--train.seq_len=64", "--train.global_batch_size=8", "--train.steps=5", "--train.val_batches=1",
     "--train.val_interval=0", "--logging.interval=1", "--optim.warmup_steps=2", "--optim.grad_clip=0.5",
-    "--checkpoint.interval=1",
+    "--checkpoint.interval=1", "--checkpoint.keep_last=0",
 ]  # fmt: skip
 
 
@@ -50,7 +51,8 @@ def train_lines(output_dir: Path) -> list[dict]:
 
 
 def weights_at(output_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    return load_file(output_dir / "checkpoints" / f"step_{step}" / "model.safetensors")
+    model_dir = consolidate(output_dir / "checkpoints" / f"step_{step}", output_dir / f"model_step_{step}")
+    return load_file(model_dir / "model.safetensors")
 
 
 @pytest.fixture(scope="module")

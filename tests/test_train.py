@@ -67,7 +67,7 @@ def test_single_process_run_writes_metrics_config_and_checkpoint(tmp_path, odd_c
         assert math.isfinite(record["loss"]) and record["mfu"] is None and record["avg_patch_len"] > 1
     assert [r["step"] for r in val_records] == [0, 3]
     assert load_config(str(out / "config.yaml"), []).data.path == str(odd_corpus)
-    weights = load_file(out / "checkpoints" / "step_3" / "model.safetensors")
+    weights = load_file(out / "model" / "model.safetensors")
     assert "encoder.hash_embedding.weight" in weights
 
 
@@ -89,6 +89,7 @@ def test_configured_peak_gives_an_mfu_on_cpu(tmp_path, odd_corpus):
         (["--data.path=/nonexistent/corpus"], "/nonexistent/corpus"),
         (["--patching.mode=entropy", "--patching.entropy_model=/nonexistent/em"], "patching.entropy_model"),
         (["--checkpoint.init_from=/nonexistent/model"], "checkpoint.init_from"),
+        (["--checkpoint.resume=/nonexistent/checkpoint"], "checkpoint.resume"),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message(args, message):
@@ -131,8 +132,8 @@ def test_two_process_data_parallel_matches_one_process(tmp_path, odd_corpus):
         for key in ("loss", "grad_norm", "val_bpb"):
             if key in one:
                 assert two[key] == pytest.approx(one[key], rel=1e-5), key
-    one_weights = load_file(single / "checkpoints" / "step_4" / "model.safetensors")
-    two_weights = load_file(double / "checkpoints" / "step_4" / "model.safetensors")
+    one_weights = load_file(single / "model" / "model.safetensors")
+    two_weights = load_file(double / "model" / "model.safetensors")
     for name, tensor in one_weights.items():
         torch.testing.assert_close(two_weights[name], tensor, rtol=1e-4, atol=1e-6)
 
@@ -148,7 +149,7 @@ def test_entropy_model_trains_and_drives_entropy_patching(tmp_path, odd_corpus):
     ]  # fmt: skip
     result = run_trainer(entropy_args)
     assert result.returncode == 0, result.stderr
-    entropy_model = entropy_dir / "checkpoints" / "step_2"
+    entropy_model = entropy_dir / "model"
     out = tmp_path / "blt"
     result = run_trainer([*SMALL, "--train.steps=2", f"--data.path={odd_corpus}", f"--output_dir={out}",
                           "--patching.mode=entropy", f"--patching.entropy_model={entropy_model}",

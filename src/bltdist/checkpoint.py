@@ -25,7 +25,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -66,11 +66,11 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
             for name in files:
                 with open(Path(directory) / name, "rb") as handle:
                     os.fsync(handle.fileno())
-            _fsync_dir(Path(directory))
+            fsync_dir(Path(directory))
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -196,10 +196,15 @@ class ParallelConfig:
 
 @dataclasses.dataclass
 class CheckpointConfig:
-    """Model directories written during and after training."""
+    """Sharded training checkpoints under output_dir/checkpoints, and the model to start from."""
 
-    interval: int = setting(0, "steps between checkpoints; 0 = only at the end", ge=0)
+    interval: int = setting(0, "steps between checkpoints; 0 = only at the end (and on SIGTERM / SIGUSR1)", ge=0)
     init_from: str | None = setting(None, "a bltdist model directory to start from")
+    resume: str | None = setting(
+        None, "auto = the latest checkpoint in output_dir (a fresh start when there is none), or a checkpoint directory"
+    )
+    keep_last: int = setting(3, "complete checkpoints kept (older ones deleted after a save completes); 0 = all", ge=0)
+    async_save: bool = setting(False, "write checkpoints in a background thread while training goes on")
 
 
 @dataclasses.dataclass
@@ -639,6 +644,17 @@ def load_config(path: str | None, overrides: list[str]) -> Config:
     problems += _problems(cfg)
     if problems:
         raise ConfigError(problems)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any], source: str) -> Config:
+    """The Config a saved dict describes (e.g. a checkpoint's metadata); problems name ``source``."""
+    cfg = Config()
+    problems: list[str] = []
+    _merge(cfg, data, "", problems)
+    problems += _problems(cfg)
+    if problems:
+        raise ConfigError([f"{source}: {problem}" for problem in problems])
     return cfg
 
 

@@ -2,6 +2,11 @@
 
     python -m bltdist.convert from-hf HF_DIR OUT_DIR
     python -m bltdist.convert to-hf BLTDIST_DIR HF_DIR
+    python -m bltdist.convert consolidate CKPT_DIR OUT_DIR
+
+``consolidate`` turns the model weights of a sharded training checkpoint
+(``output_dir/checkpoints/step_N``) into one bltdist model directory, the format that
+``--checkpoint.init_from`` and ``to-hf`` read.
 
 A Hugging Face BLT directory holds ``config.json`` and ``model.safetensors`` (or the shards listed
 in ``model.safetensors.index.json``). Two kinds are understood:
@@ -45,6 +50,7 @@ from bltdist.checkpoint import (
     read_safetensors,
     write_model_files,
 )
+from bltdist.checkpointer import consolidate
 from bltdist.config import BLTConfig, Config, EntropyModelConfig, load_config, validate
 from bltdist.errors import UserError
 from bltdist.model import BLT, ByteLM
@@ -606,6 +612,14 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("model_dir", metavar="BLTDIST_DIR")
     command.add_argument("hf_dir", metavar="HF_DIR")
     command.set_defaults(run=lambda args: to_hf(args.model_dir, args.hf_dir))
+    command = commands.add_parser(
+        "consolidate",
+        help="sharded training checkpoint -> bltdist model directory",
+        description="Reads CKPT_DIR (e.g. runs/x/checkpoints/step_1000, checksums verified) and writes OUT_DIR.",
+    )
+    command.add_argument("checkpoint", metavar="CKPT_DIR")
+    command.add_argument("out_dir", metavar="OUT_DIR")
+    command.set_defaults(run=lambda args: consolidate(args.checkpoint, args.out_dir))
     return parser
 
 

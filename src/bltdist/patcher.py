@@ -55,7 +55,7 @@ class EntropyModel:
             raise EntropyModelError(
                 f"{key}: {self.directory} holds a {run_config.model.arch} model, not an entropy model "
                 "(its config.yaml has model.arch: " + run_config.model.arch + "); give a checkpoint of a run "
-                "trained with model.arch: entropy, e.g. runs/entropy_tiny/checkpoints/step_200"
+                "trained with model.arch: entropy, e.g. runs/entropy_tiny/model"
             )
         self.config = run_config.model.entropy
         self.context = run_config.train.seq_len
@@ -202,11 +202,15 @@ def _check_entropy_model_dir(directory: Path, key: str) -> None:
     if not missing:
         return
     checkpoints = sorted((directory / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[-1]))
-    hint = (
-        f"; {directory} looks like a run directory, its latest checkpoint is {checkpoints[-1]}"
-        if checkpoints
-        else "; give the checkpoints/step_N directory of a run trained with model.arch: entropy"
-    )
+    if (directory / "model" / CONFIG_FILE).is_file():
+        hint = f"; {directory} looks like a run directory: give its final model, {directory / 'model'}"
+    elif checkpoints:
+        hint = (
+            f"; {directory} looks like an unfinished run: turn its latest checkpoint into a model directory with "
+            f"`python -m bltdist.convert consolidate {checkpoints[-1]} OUT_DIR`"
+        )
+    else:
+        hint = "; give the model directory (output_dir/model) of a run trained with model.arch: entropy"
     raise EntropyModelError(
         f"{key}: {directory} is not an entropy model directory (missing {', '.join(missing)}){hint}"
     )

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from bltdist.checkpoint import load_model_weights, save_weights_dir
+from bltdist.checkpoint import load_model_weights
+from bltdist.checkpointer import Checkpointer, check_resumable, consolidate
 from bltdist.config import Config, grad_accum_steps, load_config, parse_args, save_config
 from bltdist.data import PackedByteLoader, build_datasets
 from bltdist.errors import UserError
@@ -35,11 +36,16 @@ from bltdist.parallel import (
     build_mesh,
     check_layout,
     clip_grad_norm,
-    full_state_dict,
     pad_patch_lengths,
 )
 from bltdist.parallel.context import ContextParallelLayout, local_loss_sum
 from bltdist.patcher import Patcher
+
+
+def meta_model(cfg: Config) -> torch.nn.Module:
+    """The configured model on the meta device: shapes and names, no memory."""
+    with torch.device("meta"):
+        return BLT(cfg.model.blt) if cfg.model.arch == "blt" else ByteLM(cfg.model.entropy)
 
 
 def build_model(cfg: Config, device: torch.device) -> torch.nn.Module:
@@ -47,8 +53,7 @@ def build_model(cfg: Config, device: torch.device) -> torch.nn.Module:
 
     Every rank initialises the whole model from the same seed before it is sharded, so any
     layout starts from exactly the weights of a single-process run."""
-    with torch.device("meta"):
-        model = BLT(cfg.model.blt) if cfg.model.arch == "blt" else ByteLM(cfg.model.entropy)
+    model = meta_model(cfg)
     model.to_empty(device=device)
     torch.manual_seed(cfg.train.seed)
     model.init_weights()
@@ -214,6 +219,8 @@ def train(cfg: Config, train_docs: list[bytes], val_docs: list[bytes]) -> None:
     dp_rank = mesh.dp.get_local_rank() if mesh is not None else 0
     accum = grad_accum_steps(cfg, world_size)
     is_main = rank == 0
+    layout_sizes = dict(zip(("pp", "dp_replicate", "dp_shard", "cp", "tp"), dims.sizes()))
+    checkpointer = Checkpointer(cfg, layout_sizes, dp_rank, device)
 
     output_dir = Path(cfg.output_dir)
     if is_main:
@@ -238,7 +245,7 @@ def train(cfg: Config, train_docs: list[bytes], val_docs: list[bytes]) -> None:
         entropy_source=patcher.entropy_source(train_docs) if patcher is not None else None,
     )  # fmt: skip
     peak = peak_tflops(torch.cuda.get_device_name(device) if use_cuda else "cpu", cfg.logging.peak_tflops)
-    layout = " x ".join(f"{name}={size}" for name, size in zip(("pp", "dp_replicate", "dp_shard", "cp", "tp"), dims.sizes()))
+    layout = " x ".join(f"{name}={size}" for name, size in layout_sizes.items())
     logger.info(
         f"bltdist: {cfg.model.arch} model, {param_count / 1e6:.2f}M parameters, {world_size} process(es) on "
         f"{device.type} ({layout}), global batch {cfg.train.global_batch_size} x {cfg.train.seq_len} bytes, "
@@ -249,17 +256,16 @@ def train(cfg: Config, train_docs: list[bytes], val_docs: list[bytes]) -> None:
         val_loss = evaluate(stepper, reporter, val_docs, cfg, dp_rank, dims.dp, accum, device)
         logger.val_line({"step": step, "val_loss": val_loss, "val_bpb": val_loss / math.log(2)})
 
-    def save(step: int) -> None:
-        weights = full_state_dict([model], None)
-        if is_main:
-            path = save_weights_dir(weights, cfg, output_dir / "checkpoints" / f"step_{step}")
-            logger.info(f"checkpoint written: {path}")
-
-    validate(0)
+    start_step = checkpointer.restore([model], optimizer, scheduler, loader)
+    if start_step:
+        logger.info(f"resumed from {checkpointer.resume_from} after step {start_step}")
+    else:
+        validate(0)
     step_bytes = cfg.train.global_batch_size * cfg.train.seq_len
     window = {"loss": 0.0, "patches": 0.0, "steps": 0, "start": time.perf_counter()}
     run_start = time.perf_counter()
-    for step in range(1, cfg.train.steps + 1):
+    preempted = False
+    for step in range(start_step + 1, cfg.train.steps + 1):
         for micro in range(accum):
             tokens, targets, entropies = next_batch(loader, device)
             if dims.uses_fsdp:
@@ -298,15 +304,20 @@ def train(cfg: Config, train_docs: list[bytes], val_docs: list[bytes]) -> None:
                 "tflops": tflops,
                 "mfu": tflops / peak if peak else None,
             }
-            logger.train_line(record, (time.perf_counter() - run_start) / step)
+            logger.train_line(record, (time.perf_counter() - run_start) / (step - start_step))
             window = {"loss": 0.0, "patches": 0.0, "steps": 0, "start": time.perf_counter()}
         if cfg.train.val_interval and step % cfg.train.val_interval == 0 and step != cfg.train.steps:
             validate(step)
-        if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step != cfg.train.steps:
-            save(step)
+        preempted = checkpointer.after_step(step)
+        if preempted:
+            logger.info(f"stopping on a signal: checkpoint of step {step} written")
+            break
 
-    validate(cfg.train.steps)
-    save(cfg.train.steps)
+    checkpointer.close()
+    if not preempted:
+        validate(cfg.train.steps)
+        if is_main:
+            logger.info(f"model written: {consolidate(checkpointer.latest(), output_dir / 'model')}")
     logger.close()
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -329,6 +340,7 @@ def main(argv: list[str] | None = None) -> None:
             check_model_dir("patching.entropy_model", cfg.patching.entropy_model)
         if cfg.checkpoint.init_from:
             check_model_dir("checkpoint.init_from", cfg.checkpoint.init_from)
+        check_resumable(cfg, meta_model(cfg))
         train_docs, val_docs = build_datasets(cfg.data.path, cfg.data.text_field, cfg.data.val_fraction)
         train(cfg, train_docs, val_docs)
     except UserError as error:

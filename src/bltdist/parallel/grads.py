@@ -1,5 +1,4 @@
-"""What needs every shard and every pipeline stage at once: the global gradient norm and the full
-weights.
+"""What needs every shard and every pipeline stage at once: the global gradient norm.
 
 A parameter's gradient lives on some ranks as shards (FSDP, TP) and is repeated on others
 (dp_replicate, TP ranks for parameters TP leaves whole, or every rank of a stage without FSDP).
@@ -47,24 +46,6 @@ def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float, stage_size: 
         for grad in grads:
             _local(grad).mul_(coefficient)
     return total
-
-
-def full_state_dict(model_parts: list[nn.Module], pp_group: dist.ProcessGroup | None) -> dict[str, torch.Tensor]:
-    """The whole model's weights on every rank, on CPU, under their single-process names.
-
-    Collective over the world: DTensors are gathered with ``full_tensor`` and the parts of other
-    pipeline stages arrive by all_gather_object over the pipeline group.
-    """
-    tensors: dict[str, torch.Tensor] = {}
-    for part in model_parts:
-        for name, tensor in part.state_dict().items():
-            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-            tensors[_clean_name(name)] = full.detach().cpu()
-    if pp_group is not None and dist.get_world_size(pp_group) > 1:
-        gathered: list[dict] = [None] * dist.get_world_size(pp_group)  # type: ignore[list-item]
-        dist.all_gather_object(gathered, tensors, group=pp_group)
-        tensors = {name: tensor for stage in gathered for name, tensor in stage.items()}
-    return tensors
 
 
 def _clean_name(name: str) -> str:

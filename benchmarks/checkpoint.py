@@ -1,0 +1,192 @@
+"""Checkpoint save and load time and bytes written per rank, sync and async, for two model sizes.
+
+Runs the trainer's own pieces (model, FSDP/TP, AdamW with its state, scheduler, data loader,
+``bltdist.checkpointer.Checkpointer``) without training: AdamW's state is created by one step at
+learning rate 0. Per size it times, on every rank (the figure is the slowest rank):
+
+- sync save: ``save()`` until the checkpoint is committed (``latest`` replaced);
+- async save: ``save()`` until training may go on (the state is copied to CPU), and until committed;
+- load: building the Checkpointer (checksums of every shard, split over the ranks) plus ``restore()``;
+- for comparison, DCP's default ``FileSystemWriter`` (torch.save format) on the same state, and the
+  floor of a writer of our own: each rank's local tensors through ``safetensors.torch.save_file``
+  plus fsync (no offsets, no checksums, no commit).
+
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 benchmarks/checkpoint.py [--sizes tiny mid]
+
+Writes benchmarks/results/checkpoint-cpu-<date>.json (rank 0) with ``device``, ``torch``, ``triton``,
+``commit`` and ``config`` next to the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
+
+from bltdist.checkpointer import Checkpointer, _flatten, _materialise_optimizer_state, _tensor_state
+from bltdist.config import grad_accum_steps, load_config
+from bltdist.data import PackedByteLoader
+from bltdist.parallel import ParallelDims, build_mesh
+from bltdist.train import build_model, build_optimizer, lr_factor, parallelize
+
+REPO = Path(__file__).resolve().parents[1]
+SIZES = {
+    # configs/tiny.yaml as shipped.
+    "tiny": [],
+    # About 60M parameters: 0.7 GB of weights and AdamW state in fp32.
+    "mid": [
+        "--model.blt.local_dim=384", "--model.blt.local_heads=6", "--model.blt.global_dim=768",
+        "--model.blt.global_heads=12", "--model.blt.global_layers=6", "--model.blt.hash_vocab=8192",
+        "--model.blt.hash_ngram_sizes=[3,4,5,6,7,8]",
+    ],
+}  # fmt: skip
+
+
+def slowest(seconds: float) -> float:
+    if not dist.is_initialized():
+        return seconds
+    tensor = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor)
+
+
+def timed(function) -> tuple[float, object]:
+    if dist.is_initialized():
+        dist.barrier()
+    start = time.perf_counter()
+    result = function()
+    return slowest(time.perf_counter() - start), result
+
+
+def measure(size: str, world_size: int, mesh, scratch: Path) -> dict:
+    out = scratch / size
+    overrides = [*SIZES[size], f"--output_dir={out}", "--checkpoint.keep_last=0", "--train.global_batch_size=8"]
+    cfg = load_config(str(REPO / "configs" / "tiny.yaml"), overrides)
+    dims = ParallelDims.from_config(cfg, world_size)
+    dp_rank = mesh.dp.get_local_rank() if mesh is not None else 0
+    grad_accum_steps(cfg, world_size)
+    layout = dict(zip(("pp", "dp_replicate", "dp_shard", "cp", "tp"), dims.sizes()))
+
+    def training_state():
+        model = build_model(cfg, torch.device("cpu"))
+        parallelize(model, cfg, dims, mesh, bf16=False)
+        optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+        loader = PackedByteLoader([b"benchmark bytes " * 64], cfg.train.seq_len, cfg.train.micro_batch_size,
+                                  dp_rank, dims.dp, cfg.train.seed)  # fmt: skip
+        _materialise_optimizer_state(optimizer)
+        return [model], optimizer, scheduler, loader
+
+    model_parts, optimizer, scheduler, loader = training_state()
+    params = sum(p.numel() for p in model_parts[0].parameters())
+    figures: dict[str, float | int | list] = {}
+
+    checkpointer = Checkpointer(cfg, layout, dp_rank, torch.device("cpu"))
+    checkpointer.restore(model_parts, optimizer, scheduler, loader)
+    figures["sync_save_s"], _ = timed(lambda: checkpointer.save(1))
+    checkpointer.close()
+    metadata = json.loads((out / "checkpoints" / "step_1" / "metadata.json").read_text())
+    # DCP's HuggingFaceStorageWriter names rank r's file shard-<r + 1>-...: its index is the rank's.
+    shard_bytes = [shard["bytes"] for shard in sorted(metadata["shards"], key=lambda s: s["file"])]
+    figures["bytes_written_per_rank"] = shard_bytes
+    figures["bytes_written_total"] = sum(shard_bytes)
+
+    cfg.checkpoint.async_save = True
+    checkpointer = Checkpointer(cfg, layout, dp_rank, torch.device("cpu"))
+    checkpointer.restore(model_parts, optimizer, scheduler, loader)
+    figures["async_save_blocking_s"], _ = timed(lambda: checkpointer.save(2))
+    start = time.perf_counter()
+    checkpointer.wait()
+    figures["async_save_total_s"] = slowest(time.perf_counter() - start) + figures["async_save_blocking_s"]
+    checkpointer.close()
+
+    cfg.checkpoint.async_save = False
+    cfg.checkpoint.resume = "auto"
+    fresh = training_state()
+    figures["load_verify_s"], checkpointer = timed(lambda: Checkpointer(cfg, layout, dp_rank, torch.device("cpu")))
+    figures["load_restore_s"], _ = timed(lambda: checkpointer.restore(*fresh))
+    figures["load_total_s"] = figures["load_verify_s"] + figures["load_restore_s"]
+    checkpointer.close()
+
+    torch_save_dir = out / "dcp_filesystem_writer"
+    state = _tensor_state(model_parts, optimizer)
+    figures["dcp_filesystem_writer_save_s"], _ = timed(
+        lambda: dcp.save(state, storage_writer=dcp.FileSystemWriter(str(torch_save_dir)), no_dist=world_size == 1)
+    )
+    if dist.is_initialized():
+        dist.barrier()
+    local_file = out / f"local-{dist.get_rank() if dist.is_initialized() else 0}.safetensors"
+
+    def save_local_tensors():
+        local = {name: (t.to_local() if isinstance(t, DTensor) else t).contiguous() for name, t in _flatten(state)}
+        save_file(local, local_file)
+        with open(local_file, "rb") as handle:
+            os.fsync(handle.fileno())
+
+    figures["own_writer_floor_save_s"], _ = timed(save_local_tensors)
+    if int(os.environ.get("RANK", "0")) == 0:
+        figures["dcp_filesystem_writer_bytes_total"] = sum(p.stat().st_size for p in torch_save_dir.iterdir())
+    return {"parameters": params, "layout": layout, "overrides": SIZES[size], **figures}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--scratch", default=None, help="directory for the checkpoints (default: a temporary one)")
+    parser.add_argument("--out", default=None, help="results JSON path (default benchmarks/results/...)")
+    args = parser.parse_args()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    scratch = Path(args.scratch or tempfile.gettempdir()) / "bltdist-checkpoint-benchmark"
+    if rank == 0:
+        shutil.rmtree(scratch, ignore_errors=True)
+    # Every size runs under the default layout: dp_shard over all processes.
+    dims = ParallelDims.from_config(load_config(str(REPO / "configs" / "tiny.yaml"), []), world_size)
+    mesh = build_mesh(dims, "cpu") if world_size > 1 else None
+    results = {size: measure(size, world_size, mesh, scratch) for size in args.sizes}
+    if rank == 0:
+        shutil.rmtree(scratch, ignore_errors=True)
+        try:
+            import triton
+
+            triton_version = triton.__version__
+        except ImportError:
+            triton_version = None
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO)
+        result = {
+            "benchmark": "checkpoint",
+            "device": "cpu",
+            "torch": torch.__version__,
+            "triton": triton_version,
+            "commit": commit.stdout.strip() or None,
+            "config": {"base": "configs/tiny.yaml", "processes": world_size, "threads": torch.get_num_threads(),
+                       "storage": "local disk, fsync on"},  # fmt: skip
+            **results,
+        }
+        date = datetime.date.today().isoformat()
+        out = Path(args.out or REPO / "benchmarks" / "results" / f"checkpoint-cpu-{date}.json")
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        for size, figures in results.items():
+            print(f"{size}: {json.dumps(figures)}")
+        print(f"results: {out}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

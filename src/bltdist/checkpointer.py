@@ -1,0 +1,472 @@
+"""Training checkpoints: sharded safetensors, atomic, resumable exactly and under any layout.
+
+``output_dir/checkpoints`` holds:
+
+- ``step_N/shard-*.safetensors``: each rank's pieces of the model and AdamW state, written by
+  torch.distributed.checkpoint (DCP) through its ``HuggingFaceStorageWriter``: every tensor is
+  stored under its layout-free name (``model.<fqn>``, ``optimizer.<fqn>.exp_avg``) with its offset
+  in the full tensor, so any layout reads the pieces it needs (resharding is DCP's planner).
+- ``step_N/metadata.json``: step, config, layout, bytes consumed, the data-loader state of every
+  data-parallel rank, every rank's RNG state, the LR scheduler, the optimizer's learning rates and
+  step count, each tensor's full shape and dtype, and each shard's size and CRC32.
+- ``latest``: the name of the newest complete checkpoint.
+- ``.step_N.tmp/``: a checkpoint being written. Nothing ever reads it.
+
+A save writes into ``.step_N.tmp``, fsyncs every file, then rank 0 writes metadata.json, renames
+the directory to ``step_N``, replaces ``latest`` and only then prunes old checkpoints. A crash at
+any point leaves ``latest`` on the previous complete checkpoint. In async mode the state is
+copied to CPU memory at the step boundary and the same save runs in a background thread with its
+own gloo process group, so it never interleaves with the training collectives.
+
+Why DCP with safetensors rather than our own writer: DCP already computes every DTensor shard's
+offset (FSDP's strided shards over TP included) and plans which saved pieces each rank of a new
+layout must read; safetensors keeps tensors out of pickle. Our part is what DCP leaves open:
+atomic commit, integrity, and the non-tensor training state.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import signal
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+from torch.distributed.tensor import DTensor
+
+from bltdist.checkpoint import fsync_dir, save_weights_dir
+from bltdist.config import Config, config_from_dict, config_to_dict
+from bltdist.errors import UserError
+from bltdist.parallel.grads import _clean_name
+
+FORMAT = "bltdist-checkpoint"
+FORMAT_VERSION = 1
+METADATA_FILE = "metadata.json"
+LATEST_FILE = "latest"
+SHARD_SUFFIX = ".safetensors"
+STEP_DIR = re.compile(r"step_(\d+)")
+CHECKSUM_CHUNK = 16 << 20
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def resolve_resume(cfg: Config) -> Path | None:
+    """The checkpoint ``checkpoint.resume`` names, or None for a fresh start. ``auto`` follows
+    ``latest`` in output_dir and starts fresh when there is none yet (the first launch of a job)."""
+    resume = cfg.checkpoint.resume
+    if resume is None:
+        return None
+    if resume == "auto":
+        latest = checkpoints_dir(cfg.output_dir) / LATEST_FILE
+        if not latest.is_file():
+            return None
+        path = latest.parent / latest.read_text(encoding="utf-8").strip()
+        if not (path / METADATA_FILE).is_file():
+            raise UserError(
+                f"{latest} names {path.name}, which is not a complete checkpoint; pass an earlier one with "
+                "--checkpoint.resume PATH, or remove the file to start afresh"
+            )
+        return path
+    path = Path(resume)
+    if not (path / METADATA_FILE).is_file():
+        raise UserError(
+            f"checkpoint.resume: {path} is not a bltdist checkpoint (no {METADATA_FILE}); give a "
+            f"directory such as {checkpoints_dir(cfg.output_dir) / 'step_1000'} or 'auto'"
+        )
+    return path
+
+
+def read_metadata(path: Path) -> dict:
+    metadata_file = path / METADATA_FILE
+    try:
+        metadata = json.loads(metadata_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UserError(f"{metadata_file}: cannot be read ({error}); resume from another checkpoint") from error
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        raise UserError(f"{metadata_file}: not a {FORMAT} metadata file; resume from a bltdist checkpoint")
+    if metadata.get("version") != FORMAT_VERSION:
+        raise UserError(
+            f"{metadata_file}: format version {metadata.get('version')}, this bltdist reads {FORMAT_VERSION}"
+        )
+    return metadata
+
+
+def check_resumable(cfg: Config, model: nn.Module) -> None:
+    """Before any process starts training or writes a file: the checkpoint to resume is complete
+    and holds a model of ``model``'s shapes (a model on the meta device is enough)."""
+    path = resolve_resume(cfg)
+    if path is None:
+        return
+    metadata = read_metadata(path)
+    _check_shard_files(path, metadata)
+    saved = metadata["tensors"]["model"]
+    problems = [f"missing tensor {name}" for name in model.state_dict() if name not in saved]
+    problems += [
+        f"tensor {name}: shape {tuple(saved[name]['shape'])} in the checkpoint, {tuple(tensor.shape)} in the model"
+        for name, tensor in model.state_dict().items()
+        if name in saved and tuple(saved[name]["shape"]) != tuple(tensor.shape)
+    ]
+    problems += [f"unexpected tensor {name}" for name in saved if name not in model.state_dict()]
+    if problems:
+        listed = "\n".join(f"  - {p}" for p in problems[:20])
+        raise UserError(
+            f"{path / METADATA_FILE}: the checkpoint holds a different model than configured:\n{listed}\n"
+            "resume with the model.* settings of that checkpoint (its config is in the metadata) "
+            "or start a new output_dir"
+        )
+
+
+def _check_shard_files(path: Path, metadata: dict) -> None:
+    for shard in metadata["shards"]:
+        file = path / shard["file"]
+        if not file.is_file():
+            raise UserError(f"{file}: missing shard of checkpoint {path}; restore the file or resume from another checkpoint")
+        if file.stat().st_size != shard["bytes"]:
+            raise UserError(
+                f"{file}: {file.stat().st_size} bytes, {shard['bytes']} when saved (truncated or damaged); "
+                "restore the file or resume from another checkpoint"
+            )
+
+
+def _crc32(file: Path) -> str:
+    crc = 0
+    with open(file, "rb") as handle:
+        while chunk := handle.read(CHECKSUM_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def _share(items: list, rank: int, world_size: int) -> list:
+    """This rank's share of a list every rank sees in the same order: the work is split evenly."""
+    return items[rank::world_size]
+
+
+def verify_checksums(path: Path, metadata: dict, group: dist.ProcessGroup | None = None) -> None:
+    """Every shard's size and CRC32 against the metadata, each rank reading its share of the files;
+    every rank raises the same UserError naming the damaged files."""
+    _check_shard_files(path, metadata)
+    rank, world_size = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
+    problems = [
+        f"{path / shard['file']}: checksum {actual}, {shard['crc32']} when saved"
+        for shard in _share(metadata["shards"], rank, world_size)
+        if (actual := _crc32(path / shard["file"])) != shard["crc32"]
+    ]
+    if group is not None:
+        gathered: list[list[str]] = [[] for _ in range(world_size)]
+        dist.all_gather_object(gathered, problems, group=group)
+        problems = [problem for rank_problems in gathered for problem in rank_problems]
+    if problems:
+        raise UserError(
+            f"checkpoint {path} is damaged:\n" + "\n".join(f"  - {p}" for p in problems)
+            + "\nrestore the files or resume from another checkpoint with --checkpoint.resume PATH"
+        )
+
+
+def _tensor_state(model_parts: list[nn.Module], optimizer: torch.optim.Optimizer) -> dict[str, dict]:
+    """Model and optimizer tensors by layout-free names. The optimizer is keyed through the model
+    parts because one optimizer spans every part a rank holds (DCP's optimizer helpers want one
+    module per optimizer)."""
+    model_state: dict[str, Any] = {}
+    names: dict[nn.Parameter, str] = {}
+    for part in model_parts:
+        model_state.update(get_model_state_dict(part))
+        names.update({param: _clean_name(name) for name, param in part.named_parameters()})
+    optimizer_state = {
+        names[param]: optimizer.state[param]
+        for group in optimizer.param_groups
+        for param in group["params"]
+        if optimizer.state[param]
+    }
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def _materialise_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create AdamW's lazily built state so that a checkpoint can be loaded into it in place: one
+    step with zero gradients at learning rate 0 leaves every parameter bit for bit unchanged."""
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    if all(optimizer.state[param] for param in params):
+        return
+    learning_rates = [group["lr"] for group in optimizer.param_groups]
+    for param in params:
+        param.grad = torch.zeros_like(param)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, learning_rates):
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _shapes(state: dict[str, dict]) -> dict[str, dict]:
+    return {
+        section: {
+            name: {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+            for name, tensor in _flatten(tensors)
+        }
+        for section, tensors in state.items()
+    }
+
+
+def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    items = []
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        items += _flatten(value, f"{name}.") if isinstance(value, dict) else [(name, value)]
+    return items
+
+
+def _copy_to_cpu(tree: Any) -> Any:
+    """A snapshot of the state that training can keep changing: DTensors keep their layout."""
+    if isinstance(tree, dict):
+        return {key: _copy_to_cpu(value) for key, value in tree.items()}
+    if isinstance(tree, DTensor):
+        local = tree.to_local().detach().to("cpu", copy=True)
+        return DTensor.from_local(local, tree.device_mesh, tree.placements, run_check=False,
+                                  shape=tree.shape, stride=tree.stride())  # fmt: skip
+    return tree.detach().to("cpu", copy=True)
+
+
+def _rng_state(device: torch.device) -> dict[str, str]:
+    states = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return {name: base64.b64encode(state.numpy().tobytes()).decode("ascii") for name, state in states.items()}
+
+
+def _set_rng_state(saved: dict[str, str], device: torch.device) -> None:
+    def decode(text: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+    torch.set_rng_state(decode(saved["torch"]))
+    if device.type == "cuda" and "cuda" in saved:
+        torch.cuda.set_rng_state(decode(saved["cuda"]), device)
+
+
+def _write_json_atomically(data: Any, file: Path) -> None:
+    staging = file.with_name(f".{file.name}.tmp")
+    with open(staging, "w", encoding="utf-8") as handle:
+        handle.write(data if isinstance(data, str) else json.dumps(data, indent=1))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(staging, file)
+    fsync_dir(file.parent)
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint directories with their metadata written, oldest step first."""
+    found = [(int(m.group(1)), p) for p in root.glob("step_*") if (m := STEP_DIR.fullmatch(p.name))]
+    return [path for _, path in sorted(found) if (path / METADATA_FILE).is_file()]
+
+
+class Checkpointer:
+    """Saves the training state every ``checkpoint.interval`` steps, at the end and on SIGTERM or
+    SIGUSR1, and resumes from ``checkpoint.resume``.
+
+    Built before anything is written to output_dir: it checks the checkpoint to resume (its
+    checksums, split over the ranks) so that a damaged one stops the run with nothing changed.
+    Collective: every rank builds one.
+    """
+
+    def __init__(self, cfg: Config, layout: dict[str, int], dp_rank: int, device: torch.device):
+        self.cfg = cfg
+        self.layout = layout
+        self.dp_rank = dp_rank
+        self.device = device
+        self.root = checkpoints_dir(cfg.output_dir)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        # DCP's planning collectives run in the async writer's thread: a group of their own keeps
+        # them from interleaving with the training collectives (gloo, so CPU buffers work).
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self.executor = ThreadPoolExecutor(max_workers=1) if cfg.checkpoint.async_save else None
+        self.pending: Future | None = None
+        self.preempted = False
+        if self.rank == 0 and self.root.is_dir():
+            # Left by a save that was interrupted; never read, and in the way of the next save.
+            for leftover in self.root.glob(".step_*"):
+                shutil.rmtree(leftover)
+        self.resume_from = resolve_resume(cfg)
+        if self.resume_from is not None:
+            self.resume_metadata = read_metadata(self.resume_from)
+            verify_checksums(self.resume_from, self.resume_metadata, self.group)
+        for sig in PREEMPTION_SIGNALS:
+            signal.signal(sig, self._on_preemption_signal)
+        self.state: tuple | None = None
+
+    def _on_preemption_signal(self, signum, frame) -> None:
+        self.preempted = True
+
+    def restore(self, model_parts: list[nn.Module], optimizer, scheduler, loader) -> int:
+        """Hands over the training state the checkpointer saves from now on, loads the checkpoint
+        to resume into it (if any) and returns the number of steps already done."""
+        self.state = (model_parts, optimizer, scheduler, loader)
+        if self.resume_from is None:
+            return 0
+        metadata = self.resume_metadata
+        _materialise_optimizer_state(optimizer)
+        tensors = _tensor_state(model_parts, optimizer)
+        dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(self.resume_from)),
+                 process_group=self.group, no_dist=self.group is None)  # fmt: skip
+        for part in model_parts:
+            names = set(get_model_state_dict(part))
+            set_model_state_dict(part, {name: t for name, t in tensors["model"].items() if name in names})
+        for group, lr in zip(optimizer.param_groups, metadata["optimizer"]["lr"]):
+            group["lr"] = lr
+        scheduler.load_state_dict(metadata["scheduler"])
+        consumed = {state["global_sequences_consumed"] for state in metadata["data_loader"].values()}
+        if len(consumed) != 1:
+            raise UserError(f"{self.resume_from / METADATA_FILE}: data-parallel ranks disagree on the data position")
+        loader.load_state_dict(next(iter(metadata["data_loader"].values())))
+        rng_states = metadata["rng"]
+        _set_rng_state(rng_states[self.rank % len(rng_states)], self.device)
+        return metadata["step"]
+
+    def after_step(self, step: int) -> bool:
+        """Saves when due; True when a preemption signal arrived: the state is saved, stop now."""
+        preempted = self._agree(self.preempted)
+        if preempted or step == self.cfg.train.steps or (
+            self.cfg.checkpoint.interval and step % self.cfg.checkpoint.interval == 0
+        ):
+            self.save(step)
+        if preempted:
+            self.wait()
+        return preempted
+
+    def _agree(self, flag: bool) -> bool:
+        """Ranks may receive a signal at different steps; all stop at the first step any saw it."""
+        if self.world_size == 1:
+            return flag
+        tensor = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return bool(tensor.item())
+
+    def save(self, step: int) -> None:
+        model_parts, optimizer, scheduler, loader = self.state
+        self.wait()
+        tensors = _tensor_state(model_parts, optimizer)
+        per_rank = {"rank": self.rank, "dp_rank": self.dp_rank, "loader": loader.state_dict(),
+                    "rng": _rng_state(self.device), "shapes": _shapes(tensors)}  # fmt: skip
+        gathered = [per_rank]
+        if dist.is_initialized():
+            gathered = [None] * self.world_size
+            dist.all_gather_object(gathered, per_rank)
+        metadata = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "step": step,
+            "torch": torch.__version__,
+            "layout": self.layout,
+            "consumed": {
+                "sequences": loader.global_sequences_consumed,
+                "bytes": loader.global_tokens_consumed,
+            },
+            "data_loader": {str(entry["dp_rank"]): entry["loader"] for entry in gathered},
+            "rng": [entry["rng"] for entry in gathered],
+            "scheduler": scheduler.state_dict(),
+            "optimizer": {
+                "lr": [group["lr"] for group in optimizer.param_groups],
+                "steps": max((int(s["step"]) for s in optimizer.state.values() if "step" in s), default=0),
+            },
+            "tensors": {
+                section: {name: spec for entry in gathered for name, spec in entry["shapes"][section].items()}
+                for section in tensors
+            },
+            "config": config_to_dict(self.cfg),
+        }
+        if self.executor is None:
+            self._write(tensors, metadata)
+        else:
+            self.pending = self.executor.submit(self._write, _copy_to_cpu(tensors), metadata)
+
+    def _write(self, tensors: dict, metadata: dict) -> None:
+        name = f"step_{metadata['step']}"
+        staging = self.root / f".{name}.tmp"
+        if self.rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        self._barrier()
+        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(staging), save_distributed=True),
+                 process_group=self.group, no_dist=self.group is None)  # fmt: skip
+        # dcp.save returns on every rank only after the coordinator has every rank's write results.
+        files = sorted(p.name for p in staging.iterdir() if p.name.endswith(SHARD_SUFFIX))
+        sums = {file: (_crc32(staging / file), (staging / file).stat().st_size)
+                for file in _share(files, self.rank, self.world_size)}  # fmt: skip
+        if self.group is not None:
+            gathered: list[dict] = [{} for _ in range(self.world_size)]
+            dist.all_gather_object(gathered, sums, group=self.group)
+            sums = {file: value for rank_sums in gathered for file, value in rank_sums.items()}
+        if self.rank == 0:
+            metadata["shards"] = [{"file": file, "bytes": sums[file][1], "crc32": sums[file][0]} for file in files]
+            self._commit(staging, self.root / name, metadata)
+        self._barrier()
+
+    def _barrier(self) -> None:
+        if self.group is not None:
+            dist.barrier(group=self.group)
+
+    def _commit(self, staging: Path, final: Path, metadata: dict) -> None:
+        with open(staging / METADATA_FILE, "w", encoding="utf-8") as handle:
+            json.dump(metadata, handle, indent=1)
+            handle.flush()
+            os.fsync(handle.fileno())
+        fsync_dir(staging)
+        replaced = final.with_name(f".{final.name}.replaced")
+        if final.exists():  # the same step again after resuming from an earlier checkpoint
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(final, replaced)
+        os.replace(staging, final)
+        fsync_dir(self.root)
+        _write_json_atomically(final.name, self.root / LATEST_FILE)
+        shutil.rmtree(replaced, ignore_errors=True)
+        keep = self.cfg.checkpoint.keep_last
+        if keep:
+            older = [p for p in complete_checkpoints(self.root) if p != final]
+            for old in older[: max(0, len(older) - (keep - 1))]:
+                shutil.rmtree(old)
+
+    def latest(self) -> Path:
+        """The newest complete checkpoint."""
+        return self.root / (self.root / LATEST_FILE).read_text(encoding="utf-8").strip()
+
+    def wait(self) -> None:
+        """Blocks until the async save in flight (if any) is complete; re-raises its error."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+
+    def close(self) -> None:
+        self.wait()
+        if self.executor is not None:
+            self.executor.shutdown()
+        for sig in PREEMPTION_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+
+
+def consolidate(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """One process: the model weights of a sharded checkpoint as one bltdist model directory
+    (config.yaml + model.safetensors), as ``checkpoint.init_from`` and the converters read it."""
+    path = Path(checkpoint)
+    if not (path / METADATA_FILE).is_file():
+        raise UserError(f"{path}: not a bltdist checkpoint (no {METADATA_FILE}); give a directory like runs/x/checkpoints/step_N")
+    metadata = read_metadata(path)
+    verify_checksums(path, metadata)
+    model = {
+        name: torch.empty(spec["shape"], dtype=getattr(torch, spec["dtype"]))
+        for name, spec in metadata["tensors"]["model"].items()
+    }
+    dcp.load({"model": model}, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=True)
+    return save_weights_dir(model, config_from_dict(metadata["config"], str(path / METADATA_FILE)), out_dir)
