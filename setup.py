@@ -14,7 +14,7 @@ setup(
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
-        "dev": ["pytest", "transformers>=5", "pyarrow"],
+        "dev": ["pytest", "transformers>=5", "pyarrow", "matplotlib"],
         "parquet": ["pyarrow"],
         "flash": ["flash-attn"],
     },
