@@ -213,6 +213,13 @@ class LoggingConfig:
 
     interval: int = setting(10, "steps between metric lines", ge=1)
     peak_tflops: float | None = setting(None, "device peak for MFU; null = the built-in table", gt=0)
+    tensorboard: bool = setting(False, "also write metrics as TensorBoard events under output_dir/tensorboard")
+    wandb: bool = setting(False, "also send metrics to Weights & Biases (needs the wandb package and a login)")
+    wandb_project: str = setting("bltdist", "Weights & Biases project")
+    profile_steps: list[int] = setting([], "steps to trace with the PyTorch profiler into output_dir/profile/")
+    memory_snapshot_on_oom: bool = setting(
+        False, "CUDA: record allocation history and dump output_dir/memory_snapshot_rank<R>.pickle on out-of-memory"
+    )
 
 
 @dataclasses.dataclass

@@ -24,9 +24,21 @@ from bltdist.checkpoint import load_model_weights
 from bltdist.checkpointer import Checkpointer, check_resumable, consolidate
 from bltdist.config import Config, grad_accum_steps, load_config, parse_args, save_config
 from bltdist.data import PackedByteLoader, build_datasets
-from bltdist.errors import UserError
+from bltdist.errors import ConfigError, UserError
 from bltdist.flops import peak_tflops, training_flops_per_byte
-from bltdist.metrics import MetricsLogger, peak_memory_gb
+from bltdist.metrics import (
+    MetricsLogger,
+    StepProfiler,
+    StepTimer,
+    build_sinks,
+    format_summary,
+    gather_peak_memory_gb,
+    memory_snapshot_on_oom,
+    missing_sink_packages,
+    peak_memory_gb,
+    run_summary,
+    write_summary,
+)
 from bltdist.model import BLT, ByteLM
 from bltdist.model.layers import TransformerBlock
 from bltdist.parallel import (
@@ -226,7 +238,9 @@ def train(cfg: Config, train_docs: list[bytes], val_docs: list[bytes]) -> None:
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "config.yaml")
-    logger = MetricsLogger(output_dir, cfg.train.steps, is_main)
+    logger = MetricsLogger(output_dir, cfg.train.steps, is_main, build_sinks(cfg, output_dir, is_main))
+    timer = StepTimer(device)
+    profiler = StepProfiler(cfg.logging.profile_steps, output_dir, rank, device)
 
     bf16 = cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and use_cuda)
     model = build_model(cfg, device)
@@ -266,20 +280,30 @@ def train(cfg: Config, train_docs: list[bytes], val_docs: list[bytes]) -> None:
     run_start = time.perf_counter()
     preempted = False
     for step in range(start_step + 1, cfg.train.steps + 1):
+        profiler.start_step(step)
+        timer.start_step()
         for micro in range(accum):
-            tokens, targets, entropies = next_batch(loader, device)
+            with timer.phase("data_wait"):
+                tokens, targets, entropies = next_batch(loader, device)
             if dims.uses_fsdp:
                 # Reduce-scatter gradients once per optimizer step, not once per micro-batch.
                 model.set_requires_gradient_sync(micro == accum - 1)
-            loss_sum, num_patches = stepper.forward_backward(tokens, targets, entropies)
+            with timer.phase("forward_backward"):
+                loss_sum, num_patches = stepper.forward_backward(tokens, targets, entropies)
             window["loss"] += loss_sum
             window["patches"] += num_patches
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = clip_grad_norm(list(model.parameters()), clip, world_size // dims.pp)
+        with timer.phase("grad_norm_allreduce"):
+            grad_norm = clip_grad_norm(list(model.parameters()), clip, world_size // dims.pp)
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        with timer.phase("optimizer"):
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        timer.end_step()
+        trace = profiler.end_step(step)
+        if trace is not None and is_main:
+            logger.info(f"profiler trace of step {step} written: {trace} (and one per rank)")
         window["steps"] += 1
 
         if step % cfg.logging.interval == 0 or step == cfg.train.steps:
@@ -318,6 +342,13 @@ def train(cfg: Config, train_docs: list[bytes], val_docs: list[bytes]) -> None:
         validate(cfg.train.steps)
         if is_main:
             logger.info(f"model written: {consolidate(checkpointer.latest(), output_dir / 'model')}")
+    summary = run_summary(
+        logger.train_records, timer.breakdown(), gather_peak_memory_gb(device), world_size=world_size,
+        layout=layout_sizes, device_type=device.type, peak_tflops=peak,
+    )  # fmt: skip
+    if is_main:
+        logger.info(format_summary(summary))
+        logger.info(f"summary written: {write_summary(summary, output_dir)}")
     logger.close()
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -341,8 +372,12 @@ def main(argv: list[str] | None = None) -> None:
         if cfg.checkpoint.init_from:
             check_model_dir("checkpoint.init_from", cfg.checkpoint.init_from)
         check_resumable(cfg, meta_model(cfg))
+        sink_problems = missing_sink_packages(cfg.logging)
+        if sink_problems:
+            raise ConfigError(sink_problems)
         train_docs, val_docs = build_datasets(cfg.data.path, cfg.data.text_field, cfg.data.val_fraction)
-        train(cfg, train_docs, val_docs)
+        with memory_snapshot_on_oom(cfg, int(os.environ.get("RANK", "0"))):
+            train(cfg, train_docs, val_docs)
     except UserError as error:
         # Once per node: inputs such as data paths can differ between nodes.
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Train on one machine: torchrun --standalone with one process per GPU.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+
+usage() {
+    cat <<'USAGE'
+usage: launch/single_node.sh CONFIG.yaml [--section.key VALUE ...]
+
+Trains with one process per GPU of this machine (torchrun --standalone). Arguments after the
+config are config overrides passed to the trainer unchanged.
+
+environment:
+  NPROC_PER_NODE   processes to start (default: the number of GPUs torch sees; required on CPU)
+  PYTHON           interpreter with bltdist installed (default: python3)
+  OMP_NUM_THREADS  CPU threads per process (default 1 on CPU-only runs is sensible)
+
+example:
+  launch/single_node.sh configs/blt_1b.yaml --output_dir runs/blt_1b
+  NPROC_PER_NODE=2 launch/single_node.sh configs/tiny.yaml    # CPU, gloo
+USAGE
+}
+
+if wants_help "$@"; then usage; exit 0; fi
+require_config "$@"
+detect_nproc_per_node
+run_torchrun --standalone --nnodes=1 --nproc_per_node="$NPROC_PER_NODE" -m bltdist.train "$@"

@@ -1,0 +1,308 @@
+"""Memory per rank of candidate parallel layouts, and the fastest one that fits:
+``python -m bltdist.plan --config X --gpus N --gpu-mem-gb M [--section.key VALUE ...]``.
+
+Per rank, for a layout pp x dp_replicate x dp_shard x cp x tp (``bltdist.memtrack`` defines the
+measured quantity this estimates):
+
+- states: parameters, gradients (fp32) and AdamW's two moments (fp32) of the rank's pipeline
+  stage, divided by dp_shard x cp (FSDP shards them) and, for transformer-block and
+  cross-attention weights, by tp;
+- FSDP buffers (when dp_shard x cp x dp_replicate > 1): FSDP2 keeps the root unit (embeddings,
+  hash tables, slot projections, head) unsharded for the whole step; for blocks it holds one
+  unit being computed and one prefetched, plus that unit's full gradient before the
+  reduce-scatter. The root's full gradient is left out: the embedding tables' gradient appears
+  at the very end of backward, when the activations it would add to are already freed;
+- activations: measured by probes, not guessed. The model is built with 1 and 2 layers of each
+  kind, micro-batch 1 and a short sequence, and one forward+backward is run on the CPU with
+  gradients dropped as they are produced; the peak tensor memory above the parameters is the
+  activation working set. A linear fit in the layer counts gives the full depth; the result
+  scales with micro_batch x seq_len / cp; block activations divide by tp (heads and FFN are
+  split; the replicated byte stream of the local layers makes this optimistic for tp > 1);
+  a pipeline stage keeps its share of layers for the microbatches in flight (pp for 1F1B).
+  The probes run the PyTorch reference (blocked SDPA, reference cross-attention), so on GPU,
+  where fused kernels save less, the activation estimate errs on the safe side.
+
+Speed ranks layouts that fit by a simple model of what each dimension costs: the pipeline
+bubble (pp - 1) / (microbatches + pp - 1), tensor-parallel all-reduces that do not overlap
+(stated as an assumed 10% per doubling of tp beyond 1 inside a node, 30% across nodes), and
+context parallelism's ring passes (5% per doubling). Pure FSDP/HSDP is taken as free: its
+collectives overlap compute. The ranking is a heuristic, explained in the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from bltdist.config import Config, load_config, parse_args
+from bltdist.errors import ConfigError, UserError
+from bltdist.memtrack import PeakTensorMemory
+from bltdist.model import BLT, ByteLM
+from bltdist.model.layers import CrossAttention, TransformerBlock
+from bltdist.parallel.mesh import check_layout
+
+FP32 = 4
+PROBE_SEQ_LEN = 1024
+
+
+@dataclass(frozen=True)
+class Layout:
+    pp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    cp: int = 1
+    tp: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp_replicate * self.dp_shard * self.cp * self.tp
+
+    def __str__(self) -> str:
+        return " x ".join(f"{name}={value}" for name, value in dataclasses.asdict(self).items() if value > 1) or "1 rank"
+
+
+@dataclass
+class ParameterCounts:
+    """Parameters by FSDP unit: each transformer block and cross-attention is one, the rest is root."""
+
+    root: int
+    units: list[int]
+    unit_norms: int  # norm gains inside units: not split by tensor parallelism
+
+    @property
+    def total(self) -> int:
+        return self.root + sum(self.units)
+
+
+def _build_meta(cfg: Config) -> torch.nn.Module:
+    with torch.device("meta"):
+        return BLT(cfg.model.blt) if cfg.model.arch == "blt" else ByteLM(cfg.model.entropy)
+
+
+def count_parameters(cfg: Config) -> ParameterCounts:
+    model = _build_meta(cfg)
+    units = [m for m in model.modules() if isinstance(m, (TransformerBlock, CrossAttention))]
+    in_units = {id(p) for m in units for p in m.parameters()}
+    root = sum(p.numel() for p in model.parameters() if id(p) not in in_units)
+    norms = sum(p.numel() for m in units for p in m.parameters() if p.ndim == 1)
+    return ParameterCounts(root, [sum(p.numel() for p in m.parameters()) for m in units], norms)
+
+
+def _layer_keys(cfg: Config) -> tuple[str, ...]:
+    return ("encoder_layers", "decoder_layers", "global_layers") if cfg.model.arch == "blt" else ("layers",)
+
+
+def _section(cfg: Config):
+    return cfg.model.blt if cfg.model.arch == "blt" else cfg.model.entropy
+
+
+def _probe_activation_bytes(cfg: Config, layers: dict[str, int], seq_len: int) -> int:
+    """Peak tensor bytes above the parameters of one forward+backward, micro-batch 1, on CPU."""
+    from bltdist.train import Patcher, build_model
+
+    probe = dataclasses.replace(cfg)
+    probe.model = dataclasses.replace(cfg.model)
+    probe.model.blt = dataclasses.replace(cfg.model.blt, hash_vocab=min(cfg.model.blt.hash_vocab, 1024), kernels="torch")
+    probe.model.entropy = dataclasses.replace(cfg.model.entropy)
+    for key, count in layers.items():
+        setattr(_section(probe), key, count)
+    probe.checkpoint = dataclasses.replace(cfg.checkpoint, init_from=None)
+    model = build_model(probe, torch.device("cpu"))
+    for parameter in model.parameters():
+        # Gradients are states, estimated separately: drop each as soon as it is complete.
+        parameter.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+    tokens = torch.randint(4, 260, (1, seq_len + 1), generator=torch.Generator().manual_seed(0))
+    tokens[:, 0] = 1
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    lengths = Patcher(probe, torch.device("cpu"))(inputs) if cfg.model.arch == "blt" else None
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    tracker = PeakTensorMemory()
+    with tracker:
+        tracker.track(list(model.parameters()))
+        logits = model(inputs) if lengths is None else model(inputs, lengths)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").backward()
+    return tracker.peak_bytes - parameter_bytes
+
+
+@dataclass
+class ActivationModel:
+    """Activation bytes of one micro-batch row of ``seq_len`` bytes: base + per-layer terms."""
+
+    base_per_byte: float
+    per_layer_per_byte: dict[str, float]
+    seq_len: int
+
+    @classmethod
+    def probe(cls, cfg: Config) -> ActivationModel:
+        seq_len = min(cfg.train.seq_len, PROBE_SEQ_LEN)
+        ones = dict.fromkeys(_layer_keys(cfg), 1)
+        base = _probe_activation_bytes(cfg, ones, seq_len)
+        per_layer = {}
+        for key in ones:
+            per_layer[key] = (_probe_activation_bytes(cfg, {**ones, key: 2}, seq_len) - base) / seq_len
+        base_per_byte = base / seq_len - sum(per_layer.values())
+        return cls(base_per_byte, per_layer, seq_len)
+
+    def bytes_per_rank(self, cfg: Config, layout: Layout, pipeline_microbatches: int) -> float:
+        section = _section(cfg)
+        rows_bytes = cfg.train.micro_batch_size * cfg.train.seq_len / layout.cp
+        layers = sum(self.per_layer_per_byte[key] * getattr(section, key) for key in self.per_layer_per_byte)
+        in_flight = min(layout.pp, pipeline_microbatches)
+        stage_layers = layers / layout.pp * in_flight
+        return rows_bytes * (self.base_per_byte + stage_layers / layout.tp)
+
+
+@dataclass
+class Estimate:
+    layout: Layout
+    micro_batch: int
+    states: float
+    fsdp_buffers: float
+    activations: float
+    relative_speed: float
+    speed_notes: list[str]
+
+    @property
+    def total(self) -> float:
+        return self.states + self.fsdp_buffers + self.activations
+
+
+def estimate(cfg: Config, layout: Layout, counts: ParameterCounts, activations: ActivationModel,
+             gpus_per_node: int, compute_bytes: int) -> Estimate:  # fmt: skip
+    """Per-rank memory (bytes) of ``layout`` and its speed relative to an ideal layout (1.0)."""
+    shard = layout.dp_shard * layout.cp
+    stage_units = counts.units[: math.ceil(len(counts.units) / layout.pp)] if counts.units else []
+    # Stage 0 is the heaviest: it holds the embeddings and hash tables, the largest root part.
+    unit_params = sum(stage_units)
+    tp_split = (unit_params - counts.unit_norms / layout.pp) / layout.tp + counts.unit_norms / layout.pp
+    local_params = (counts.root + tp_split) / shard
+    states = local_params * FP32 * 4  # parameters, gradients, two AdamW moments
+    fsdp_buffers = 0.0
+    if layout.dp_replicate * shard > 1:
+        largest_unit = max(stage_units, default=0) / layout.tp
+        fsdp_buffers = counts.root * compute_bytes + largest_unit * (2 * compute_bytes + FP32)
+    microbatches = cfg.parallel.pp_microbatches or layout.pp
+    act = activations.bytes_per_rank(cfg, layout, microbatches)
+
+    speed, notes = 1.0, []
+    if layout.pp > 1:
+        bubble = (layout.pp - 1) / (microbatches + layout.pp - 1)
+        speed *= 1 - bubble
+        notes.append(f"pipeline bubble {100 * bubble:.0f}% ({microbatches} microbatches)")
+    if layout.tp > 1:
+        across = layout.tp > gpus_per_node
+        loss = (0.30 if across else 0.10) * math.log2(layout.tp)
+        speed *= 1 - min(loss, 0.9)
+        notes.append(f"tensor-parallel all-reduces {'across nodes' if across else 'in a node'} (~{100 * loss:.0f}%)")
+    if layout.cp > 1:
+        loss = 0.05 * math.log2(layout.cp)
+        speed *= 1 - loss
+        notes.append(f"context-parallel ring passes (~{100 * loss:.0f}%)")
+    if not notes:
+        notes.append("data parallel only: FSDP collectives overlap compute")
+    return Estimate(layout, cfg.train.micro_batch_size, states, fsdp_buffers, act, speed, notes)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def layout_config(cfg: Config, layout: Layout) -> Config | None:
+    """``cfg`` run as ``layout``: micro-batch lowered if the data-parallel ranks need it to share
+    the global batch; None when the model shape or the batch does not allow the layout."""
+    data_parallel = layout.dp_replicate * layout.dp_shard
+    if cfg.train.global_batch_size % data_parallel:
+        return None
+    micro_batch = min(cfg.train.micro_batch_size, cfg.train.global_batch_size // data_parallel)
+    parallel = dataclasses.replace(cfg.parallel, **dataclasses.asdict(layout))
+    candidate = dataclasses.replace(cfg, parallel=parallel, train=dataclasses.replace(cfg.train, micro_batch_size=micro_batch))
+    try:
+        check_layout(candidate, layout.world_size)
+    except ConfigError:
+        return None
+    section = _section(cfg)
+    fewest_layers = min(getattr(section, key) for key in _layer_keys(cfg))
+    if layout.pp > fewest_layers or (layout.cp > 1 and cfg.train.seq_len % (2 * layout.cp * layout.tp)):
+        return None  # a stage needs layers of each kind; CP cuts each sequence into 2 x cp chunks
+    return candidate
+
+
+def candidate_layouts(cfg: Config, gpus: int) -> list[tuple[Layout, Config]]:
+    """Every layout of ``gpus`` ranks that the model shape and the batch allow, with its config."""
+    found = []
+    for pp in _divisors(gpus):
+        for tp in _divisors(gpus // pp):
+            for cp in _divisors(gpus // pp // tp):
+                for dp_replicate in _divisors(gpus // pp // tp // cp):
+                    layout = Layout(pp, dp_replicate, gpus // (pp * tp * cp * dp_replicate), cp, tp)
+                    candidate = layout_config(cfg, layout)
+                    if candidate is not None:
+                        found.append((layout, candidate))
+    return found
+
+
+def plan(cfg: Config, gpus: int, gpu_mem_gb: float, gpus_per_node: int, dtype_bytes: int) -> tuple[list[Estimate], str]:
+    counts = count_parameters(cfg)
+    activations = ActivationModel.probe(cfg)
+    estimates = [estimate(candidate, layout, counts, activations, gpus_per_node, dtype_bytes)
+                 for layout, candidate in candidate_layouts(cfg, gpus)]  # fmt: skip
+    budget = gpu_mem_gb * 1e9
+    fitting = [e for e in estimates if e.total <= budget]
+    # Among equally fast layouts, prefer less replication (more sharding frees memory for batch).
+    fitting.sort(key=lambda e: (-e.relative_speed, e.layout.dp_replicate, e.total))
+    if not fitting:
+        smallest = min(estimates, key=lambda e: e.total, default=None)
+        why = "no layout of the model and batch fits"
+        if smallest is not None:
+            why += (f"; the smallest is {smallest.layout} at {smallest.total / 1e9:.1f} GB per rank. Lower "
+                    "train.micro_batch_size, turn on train.activation_checkpointing, or use more GPUs")
+        return estimates, why
+    best = fitting[0]
+    why = (f"recommended: {best.layout} ({best.total / 1e9:.1f} of {gpu_mem_gb:g} GB per rank, "
+           f"relative speed {best.relative_speed:.2f}: {'; '.join(best.speed_notes)})")
+    return estimates, why
+
+
+def format_table(estimates: list[Estimate], gpu_mem_gb: float) -> str:
+    header = f"{'layout':<40} {'micro':>5} {'states':>8} {'fsdp':>8} {'activ.':>8} {'total':>8} {'fits':>5} {'speed':>6}"
+    lines = [header, "-" * len(header)]
+    for e in sorted(estimates, key=lambda e: e.total):
+        gb = [x / 1e9 for x in (e.states, e.fsdp_buffers, e.activations, e.total)]
+        fits = "yes" if e.total <= gpu_mem_gb * 1e9 else "no"
+        lines.append(f"{str(e.layout):<40} {e.micro_batch:>5} " + " ".join(f"{x:8.2f}" for x in gb) + f" {fits:>5} {e.relative_speed:6.2f}")
+    lines.append("(GB per rank; states = parameters + gradients + AdamW moments in fp32)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bltdist.plan",
+        description="Estimate memory per rank of every layout of N GPUs and recommend the fastest that fits. "
+        "Further --section.key VALUE arguments override the config.",
+    )
+    parser.add_argument("--config", required=True, help="a bltdist YAML config")
+    parser.add_argument("--gpus", type=int, required=True, help="total number of GPUs (ranks)")
+    parser.add_argument("--gpu-mem-gb", type=float, required=True, help="memory per GPU in GB (e.g. 80 for H100)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (tensor parallel stays inside)")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="compute dtype of gathered weights")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        if args.gpus < 1 or args.gpu_mem_gb <= 0 or args.gpus_per_node < 1:
+            raise UserError("--gpus and --gpus-per-node must be >= 1 and --gpu-mem-gb > 0")
+        config_path, rest = parse_args(["--config", args.config, *overrides])
+        cfg = load_config(config_path, rest)
+        estimates, why = plan(cfg, args.gpus, args.gpu_mem_gb, args.gpus_per_node, 2 if args.dtype == "bf16" else 4)
+    except (UserError, ConfigError) as error:
+        print(f"bltdist.plan: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(format_table(estimates, args.gpu_mem_gb))
+    print(why)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The planner's memory estimate against the peak measured (``bltdist.memtrack``) in real gloo runs
+of the same configs and layouts, and its command line."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bltdist.config import load_config
+from bltdist.plan import ActivationModel, Layout, count_parameters, estimate, layout_config
+
+REPO = Path(__file__).resolve().parents[1]
+MID_SIZE = [  # the small BLT of BLT_NOTES section 4 (local 256, 1 + 4 layers, global 512 x 6)
+    "--model.blt.local_dim=256", "--model.blt.local_heads=4", "--model.blt.encoder_layers=1",
+    "--model.blt.decoder_layers=4", "--model.blt.global_dim=512", "--model.blt.global_heads=8",
+    "--model.blt.global_layers=6", "--model.blt.hash_vocab=4096", "--model.blt.local_window=128",
+    "--train.seq_len=256", "--train.global_batch_size=4", "--train.micro_batch_size=2",
+]  # fmt: skip
+CONFIGS = {"tiny": ["--config", "configs/tiny.yaml"], "mid-size": MID_SIZE}
+LAYOUTS = [Layout(), Layout(dp_shard=2), Layout(dp_replicate=2, dp_shard=2)]
+
+
+def measured_peak_bytes(args: list[str], layout: Layout, out: Path) -> list[int]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    worker = str(REPO / "tests" / "workers" / "memory.py")
+    launcher = [] if layout.world_size == 1 else [
+        "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={layout.world_size}"]  # fmt: skip
+    result = subprocess.run([sys.executable, *launcher, worker, str(out), *args], capture_output=True, text=True,
+                            timeout=600, env=env, cwd=REPO)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(out.read_text())["peak_bytes_per_rank"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_estimate_within_20_percent_of_measured_peak(config, tmp_path):
+    cfg = load_config(*_split(CONFIGS[config]))
+    counts, activations = count_parameters(cfg), ActivationModel.probe(cfg)
+    report = []
+    for layout in LAYOUTS:
+        candidate = layout_config(cfg, layout)
+        assert candidate is not None, layout
+        predicted = estimate(candidate, layout, counts, activations, gpus_per_node=8, compute_bytes=4).total
+        args = [*CONFIGS[config], *(f"--parallel.{k}={v}" for k, v in vars(layout).items()),
+                f"--train.micro_batch_size={candidate.train.micro_batch_size}"]  # fmt: skip
+        peaks = measured_peak_bytes(args, layout, tmp_path / f"{layout}.json")
+        report.append(f"{layout}: predicted {predicted / 1e6:.1f} MB, measured max {max(peaks) / 1e6:.1f} MB")
+    print("\n".join(report))
+    for line in report:
+        predicted, measured = (float(part.split()[-2]) for part in line.split(": ", 1)[1].split(", "))
+        assert abs(predicted - measured) <= 0.2 * measured, "\n".join(report)
+
+
+def _split(tokens: list[str]) -> tuple[str | None, list[str]]:
+    if tokens[:1] == ["--config"]:
+        return tokens[1], tokens[2:]
+    return None, tokens
+
+
+def run_plan(args: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "bltdist.plan", *args], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=REPO)  # fmt: skip
+
+
+def test_plan_recommends_the_fastest_layout_that_fits():
+    roomy = run_plan(["--config", "configs/tiny.yaml", "--gpus", "4", "--gpu-mem-gb", "80"])
+    assert roomy.returncode == 0, roomy.stderr
+    assert "recommended: dp_shard=4" in roomy.stdout and "relative speed 1.00" in roomy.stdout
+    # 0.12 GB excludes replication (about 0.2 GB per rank for fp32 states + activations).
+    tight = run_plan(["--config", "configs/tiny.yaml", "--gpus", "4", "--gpu-mem-gb", "0.12", "--dtype", "fp32"])
+    assert tight.returncode == 0, tight.stderr
+    assert "dp_replicate=4" in tight.stdout and "recommended: dp_replicate=4" not in tight.stdout
+
+
+def test_plan_says_when_nothing_fits_and_rejects_bad_input():
+    none = run_plan(["--config", "configs/tiny.yaml", "--gpus", "2", "--gpu-mem-gb", "0.001"])
+    assert none.returncode == 0 and "no layout of the model and batch fits" in none.stdout
+    bad = run_plan(["--config", "configs/tiny.yaml", "--gpus", "0", "--gpu-mem-gb", "80"])
+    assert bad.returncode == 2 and "--gpus" in bad.stderr
+    missing = run_plan(["--config", "configs/nonexistent.yaml", "--gpus", "2", "--gpu-mem-gb", "80"])
+    assert missing.returncode == 2 and "nonexistent.yaml" in missing.stderr

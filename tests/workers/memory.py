@@ -1,0 +1,62 @@
+"""Worker for tests/test_plan.py: measures the peak tensor memory of training steps of the trainer's
+parallelised model (``bltdist.memtrack`` definition) and has rank 0 write every rank's peak as JSON
+to argv[1]. Run as ``torchrun ... memory.py OUT [--config overrides]`` or as one process."""
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from bltdist.config import grad_accum_steps, load_config, parse_args
+from bltdist.memtrack import PeakTensorMemory
+from bltdist.parallel import ParallelDims, build_mesh, check_layout, clip_grad_norm
+from bltdist.train import Patcher, Stepper, build_model, build_optimizer, parallelize
+
+
+def main() -> None:
+    out, overrides = sys.argv[1], sys.argv[2:]
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = load_config(*parse_args(overrides))
+    check_layout(cfg, world_size)
+    dims = ParallelDims.from_config(cfg, world_size)
+    mesh = None
+    if world_size > 1:
+        dist.init_process_group("gloo")
+        mesh = build_mesh(dims, "cpu")
+    device = torch.device("cpu")
+    model = build_model(cfg, device)
+    parallelize(model, cfg, dims, mesh, bf16=False)
+    optimizer = build_optimizer(model, cfg, device)
+    stepper = Stepper(model, cfg, dims, Patcher(cfg, device), torch.autocast("cpu", enabled=False))
+    accum = grad_accum_steps(cfg, world_size)
+    generator = torch.Generator().manual_seed(0)
+    shape = (cfg.train.micro_batch_size, cfg.train.seq_len + 1)
+    tracker = PeakTensorMemory()
+    with tracker:
+        tracker.track(list(model.parameters()), list(model.buffers()))
+        # Two steps: the first creates the optimizer state, the second runs with all of it alive.
+        for _ in range(2):
+            for micro in range(accum):
+                tokens = torch.randint(4, 260, shape, generator=generator)
+                tokens[:, 0] = 1
+                if dims.uses_fsdp:
+                    model.set_requires_gradient_sync(micro == accum - 1)
+                stepper.forward_backward(tokens[:, :-1], tokens[:, 1:])
+            clip_grad_norm(list(model.parameters()), 1.0, world_size // dims.pp)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    peaks = [tracker.peak_bytes]
+    if world_size > 1:
+        peaks = [0] * world_size
+        dist.all_gather_object(peaks, tracker.peak_bytes)
+    if int(os.environ.get("RANK", "0")) == 0:
+        with open(out, "w") as f:
+            json.dump({"peak_bytes_per_rank": peaks}, f)
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
