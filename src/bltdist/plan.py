@@ -103,7 +103,8 @@ def _section(cfg: Config):
 
 def _probe_activation_bytes(cfg: Config, layers: dict[str, int], seq_len: int) -> int:
     """Peak tensor bytes above the parameters of one forward+backward, micro-batch 1, on CPU."""
-    from bltdist.train import Patcher, build_model
+    from bltdist.patcher import Patcher
+    from bltdist.train import build_model
 
     probe = dataclasses.replace(cfg)
     probe.model = dataclasses.replace(cfg.model)
@@ -119,7 +120,7 @@ def _probe_activation_bytes(cfg: Config, layers: dict[str, int], seq_len: int) -
     tokens = torch.randint(4, 260, (1, seq_len + 1), generator=torch.Generator().manual_seed(0))
     tokens[:, 0] = 1
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    lengths = Patcher(probe, torch.device("cpu"))(inputs) if cfg.model.arch == "blt" else None
+    lengths = Patcher(probe.patching, torch.device("cpu"))(inputs) if cfg.model.arch == "blt" else None
     parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     tracker = PeakTensorMemory()
     with tracker:

@@ -29,7 +29,7 @@ def main() -> None:
     model = build_model(cfg, device)
     parallelize(model, cfg, dims, mesh, bf16=False)
     optimizer = build_optimizer(model, cfg, device)
-    stepper = Stepper(model, cfg, dims, Patcher(cfg, device), torch.autocast("cpu", enabled=False))
+    stepper = Stepper(model, cfg, dims, mesh, Patcher(cfg.patching, device), torch.autocast("cpu", enabled=False))
     accum = grad_accum_steps(cfg, world_size)
     generator = torch.Generator().manual_seed(0)
     shape = (cfg.train.micro_batch_size, cfg.train.seq_len + 1)
@@ -43,7 +43,7 @@ def main() -> None:
                 tokens[:, 0] = 1
                 if dims.uses_fsdp:
                     model.set_requires_gradient_sync(micro == accum - 1)
-                stepper.forward_backward(tokens[:, :-1], tokens[:, 1:])
+                stepper.forward_backward(tokens[:, :-1], tokens[:, 1:], None)
             clip_grad_norm(list(model.parameters()), 1.0, world_size // dims.pp)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
