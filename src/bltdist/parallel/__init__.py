@@ -1,0 +1,1 @@
+"""Parallel dimensions, one module each, applied to the plain model from outside."""
