@@ -69,7 +69,8 @@ def optimizer_for(parameters) -> torch.optim.AdamW:
 
 
 def single_process_run(batches):
-    """Losses per step, gradients and clipped norm of step 1, parameters after step 1."""
+    """Losses per step; gradients, clipped norm and parameters of step 1; after the last step, the
+    state dict and the summed cross-entropy of the first batch (forward only)."""
     model = build_tiny_model()
     optimizer = optimizer_for(model.parameters())
     losses, first = [], {}
@@ -86,21 +87,25 @@ def single_process_run(batches):
         if step == 0:
             first["norm"] = norm.item()
             first["params"] = {name: p.detach().clone() for name, p in model.named_parameters()}
-    return losses, first
+    tokens, lengths, targets = batches[0]
+    with torch.no_grad():
+        final_ce = F.cross_entropy(model(tokens, lengths).flatten(0, 1), targets.flatten(), reduction="sum").item()
+    final_state = {name: value.clone() for name, value in model.state_dict().items()}
+    return losses, first, final_ce, final_state
 
 
-def assert_tensors_close(actual: dict, expected: dict, what: str) -> None:
+def assert_tensors_close(actual: dict, expected: dict, what: str, atol_of_scale: float = 1e-5) -> None:
     for name, value in actual.items():
         # Relative to the tensor's own scale: entries near zero carry only rounding noise.
         scale = expected[name].abs().max().item()
-        torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-5 * scale, msg=f"{what} {name}")
+        torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=atol_of_scale * scale, msg=f"{what} {name}")
 
 
 def pipeline_worker(rank: int, world_size: int, port: int, schedule_name: str, expected) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
-        expected_losses, expected_first = expected
+        expected_losses, expected_first, expected_final_ce, expected_final_state = expected
         group = dist.group.WORLD
         model = build_tiny_model()
         parts = split_model(model, rank, world_size, schedule_name)
@@ -108,7 +113,8 @@ def pipeline_worker(rank: int, world_size: int, port: int, schedule_name: str, e
         pipeline = BLTPipeline(parts, group, schedule_name, 2, torch.device("cpu"), patch_bucket=4)
         parameters = {name: p for part in parts for name, p in part.named_parameters()}
         optimizer = optimizer_for(parameters.values())
-        for step, (tokens, lengths, targets) in enumerate(make_batches()):
+        batches = make_batches()
+        for step, (tokens, lengths, targets) in enumerate(batches):
             step_bytes = targets.numel()
             ce_sum = 0.0
             for half in torch.arange(tokens.shape[0]).chunk(ACCUMULATION):
@@ -129,9 +135,15 @@ def pipeline_worker(rank: int, world_size: int, port: int, schedule_name: str, e
             if step == 0:
                 after = {name: p.detach() for name, p in parameters.items()}
                 assert_tensors_close(after, expected_first["params"], "after step 1, parameter")
+        final_ce = pipeline.evaluate(*batches[0])
+        if pipeline.holds_last_stage:
+            assert final_ce.item() == pytest.approx(expected_final_ce, rel=1e-5)
         full = gather_full_state_dict(parts, group)
         if rank == 0:
-            assert set(full) == set(model.state_dict())
+            assert set(full) == set(expected_final_state)
+            # Five AdamW steps turn rounding noise in near-zero gradients into ~1e-6 steps: a looser
+            # absolute bound here; the 1e-5 check of every parameter is the one after step 1.
+            assert_tensors_close(full, expected_final_state, "after the last step, gathered", atol_of_scale=1e-4)
     finally:
         dist.destroy_process_group()
 
@@ -151,7 +163,8 @@ def single_process_reference():
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule_name", list(SCHEDULES))
 def test_pp2_matches_single_process(schedule_name, single_process_reference):
-    """Five steps, each two accumulated pipeline steps of two microbatches, with clipping and AdamW."""
+    """Five steps, each two accumulated pipeline steps of two microbatches, with clipping and AdamW;
+    then a forward-only evaluation."""
     mp.spawn(pipeline_worker, args=(2, free_port(), schedule_name, single_process_reference), nprocs=2)
 
 

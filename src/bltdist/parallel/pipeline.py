@@ -21,7 +21,8 @@ buffer ``requires_grad``, which an integer tensor cannot be.)
 Patch count. A stage sizes its receive buffers on its first step, but the padded patch count P of
 a batch varies under entropy or space patching. ``BLTPipeline`` pads the patch axis with
 zero-length patches up to a multiple of ``patch_bucket`` (padding patches form no document, so no
-real byte or patch sees them) and keeps one schedule per padded count, the few most recent.
+real byte or patch sees them) and keeps one schedule per batch shape (rows, bytes, padded patches)
+and mode (training or evaluation), the few most recent.
 
 Loss and gradients. The schedule calls the loss once per microbatch and adds the microbatch
 gradients; it is built with ``scale_grads=False`` and the loss is the microbatch's summed byte
@@ -36,12 +37,16 @@ How the trainer uses it (all ranks of the pipeline group load the same batch)::
     check_pipeline_layout(cfg)                                   # before any process group
     parts = split_model(model, pp_rank, pp_size, cfg.parallel.pp_schedule)
     # ... apply TP / FSDP / activation checkpointing to each part here ...
+    del model                    # the parts keep only this rank's modules alive
     pipeline = BLTPipeline(parts, pp_group, cfg.parallel.pp_schedule, microbatch_count(cfg), device)
     optimizer = AdamW(p for part in parts for p in part.parameters())
     for each accumulation step:
         with autocast:
             ce_sum = pipeline.step(tokens, patch_lengths, targets, loss_divisor)  # None off the last stage
     grad_norm = clip_grad_norm_([p for part in parts for p in part.parameters()], max_norm, pp_group)
+    optimizer.step(); optimizer.zero_grad(set_to_none=True)
+    with autocast:
+        val_ce_sum = pipeline.evaluate(tokens, patch_lengths, targets)          # None off the last stage
 
 Parameter names. A part keeps the original module paths (``encoder.*``,
 ``global_model.layers.3.*``, ``decoder.*``), so every name in ``part.state_dict()`` is the name
@@ -321,7 +326,7 @@ class BLTPipeline:
         self.patch_bucket, self.max_cached_schedules = patch_bucket, max_cached_schedules
         self.holds_last_stage = any(part.is_last for part in parts)
         self.carry = next((part.carry for part in parts if part.carry is not None), None)
-        self._schedules: OrderedDict[int, object] = OrderedDict()
+        self._schedules: OrderedDict[tuple[int, int, int, bool], object] = OrderedDict()
         self._loss_divisor = 1.0
 
     def step(
@@ -330,16 +335,40 @@ class BLTPipeline:
         """Forward and backward of this rank's batch (B, T) through the pipeline; gradients
         accumulate into the parts' parameters. Returns the summed byte cross-entropy of the batch
         (detached) on the rank holding the last stage, None elsewhere."""
+        return self._run(tokens, patch_lengths, targets, loss_divisor, training=True)
+
+    def evaluate(self, tokens: torch.Tensor, patch_lengths: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+        """The summed byte cross-entropy of the batch on the last stage's rank, None elsewhere.
+        Call it between optimizer steps (no gradients held)."""
+        if self.schedule_name not in V_SHAPED:
+            with torch.no_grad():
+                return self._run(tokens, patch_lengths, targets, 1.0, training=False)
+        # torch's ZBV schedule runs its backward actions even in eval(), so the V evaluates with a
+        # training step whose gradients are thrown away: correct, at the cost of a backward.
+        parameters = [p for part in self.parts for p in part.parameters()]
+        if any(p.grad is not None for p in parameters):
+            raise RuntimeError("evaluate() under the V schedule needs the gradients cleared (optimizer.zero_grad())")
+        with torch.enable_grad():
+            ce_sum = self._run(tokens, patch_lengths, targets, 1.0, training=True)
+        for p in parameters:
+            p.grad = None
+        return ce_sum
+
+    def _run(self, tokens, patch_lengths, targets, loss_divisor: float, training: bool) -> torch.Tensor | None:
         if tokens.shape[0] % self.n_microbatches:
             raise ValueError(f"batch of {tokens.shape[0]} rows does not split into {self.n_microbatches} microbatches")
         patch_lengths = pad_patch_axis(patch_lengths, self.patch_bucket)
-        schedule = self._schedule_for(patch_lengths.shape[1])
+        schedule = self._schedule_for((*tokens.shape, patch_lengths.shape[1], training))
         self._loss_divisor = float(loss_divisor)
         if self.carry is not None:
             self.carry.clear()
         losses: list[torch.Tensor] = []
-        # The logits stay unmerged: the loss of each microbatch is all the trainer needs.
-        schedule.step(target=targets, losses=losses, return_outputs=False, tokens=tokens, patch_lengths=patch_lengths)
+        batch = dict(target=targets, losses=losses, tokens=tokens, patch_lengths=patch_lengths)
+        if training:
+            # The logits stay unmerged: the loss of each microbatch is all the trainer needs.
+            schedule.step(return_outputs=False, **batch)
+        else:
+            schedule.eval(**batch)
         if self.carry is not None and len(self.carry):
             raise RuntimeError(f"{len(self.carry)} parked byte states were never read by the last stage")
         if not self.holds_last_stage:
@@ -350,14 +379,16 @@ class BLTPipeline:
         # Pure: torch may also call it on placeholder activations while inferring shapes.
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum") / self._loss_divisor
 
-    def _schedule_for(self, num_patches: int):
-        if num_patches in self._schedules:
-            self._schedules.move_to_end(num_patches)
-            return self._schedules[num_patches]
+    def _schedule_for(self, key: tuple[int, int, int, bool]):
+        """The schedule for batches of shape (rows, bytes, padded patches), training or not: torch
+        sizes a stage's buffers, and its backward ones, on its first step."""
+        if key in self._schedules:
+            self._schedules.move_to_end(key)
+            return self._schedules[key]
         if len(self._schedules) == self.max_cached_schedules:
             self._schedules.popitem(last=False)
         schedule = self._build_schedule()
-        self._schedules[num_patches] = schedule
+        self._schedules[key] = schedule
         return schedule
 
     def _build_schedule(self):
