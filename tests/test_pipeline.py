@@ -8,12 +8,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 
-from bltdist.config import load_config
+from bltdist.config import BLTConfig, load_config
 from bltdist.errors import ConfigError
 from bltdist.model import BLT
 from bltdist.model.blt import BOS_ID
-from bltdist.config import BLTConfig
 from bltdist.parallel.pipeline import (
     SCHEDULES,
     BLTPipeline,
@@ -148,6 +149,47 @@ def pipeline_worker(rank: int, world_size: int, port: int, schedule_name: str, e
         dist.destroy_process_group()
 
 
+def fsdp_pipeline_worker(rank: int, world_size: int, port: int, schedule_name: str, expected) -> None:
+    """pp=2 outer, dp_shard=2 inner: the stages are built on FSDP2-sharded parts."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        expected_losses, expected_first, _, expected_final_state = expected
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp_shard"))
+        pp_group, dp_group, dp_rank = mesh["pp"].get_group(), mesh["dp_shard"].get_group(), mesh["dp_shard"].get_local_rank()
+        parts = split_model(build_tiny_model(), mesh["pp"].get_local_rank(), 2, schedule_name)
+        # Parameters stay unsharded between forward and backward, as torchtitan does under PP: with
+        # resharding, torch's split (input / weight) backward of the V's middle stages loses gradients.
+        for part in parts:
+            for layer in part.global_model.layers.values():
+                fully_shard(layer, mesh=mesh["dp_shard"], reshard_after_forward=False)
+            fully_shard(part, mesh=mesh["dp_shard"], reshard_after_forward=False)
+        pipeline = BLTPipeline(parts, pp_group, schedule_name, 1, torch.device("cpu"), patch_bucket=4)
+        parameters = [p for part in parts for p in part.parameters()]
+        optimizer = optimizer_for(parameters)
+        for step, (tokens, lengths, targets) in enumerate(make_batches()):
+            rows = torch.arange(tokens.shape[0]).chunk(2)[dp_rank]
+            ce_sum = torch.zeros((), dtype=torch.float64)
+            for row in rows.chunk(ACCUMULATION):
+                # FSDP averages gradients over dp_shard: divide by the bytes of this rank's step.
+                row_ce = pipeline.step(tokens[row], lengths[row], targets[row], loss_divisor=targets[rows].numel())
+                ce_sum += 0.0 if row_ce is None else row_ce.item()
+            dist.all_reduce(ce_sum, group=dp_group)
+            if pipeline.holds_last_stage:
+                assert ce_sum.item() / targets.numel() == pytest.approx(expected_losses[step], rel=1e-5)
+            norm = clip_grad_norm_(parameters, MAX_NORM, pp_group)
+            if step == 0:
+                assert norm.item() == pytest.approx(expected_first["norm"], rel=1e-5)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        full = gather_full_state_dict(parts, pp_group)
+        if rank == 0:
+            assert set(full) == set(expected_final_state)
+            assert_tensors_close(full, expected_final_state, "after the last step, gathered", atol_of_scale=1e-4)
+    finally:
+        dist.destroy_process_group()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -166,6 +208,12 @@ def test_pp2_matches_single_process(schedule_name, single_process_reference):
     """Five steps, each two accumulated pipeline steps of two microbatches, with clipping and AdamW;
     then a forward-only evaluation."""
     mp.spawn(pipeline_worker, args=(2, free_port(), schedule_name, single_process_reference), nprocs=2)
+
+
+@pytest.mark.slow
+def test_fsdp2_by_pp2_v_schedule_matches_single_process(single_process_reference):
+    """The V schedule, with its byte-state carry, on parts that FSDP2 sharded before the stages were built."""
+    mp.spawn(fsdp_pipeline_worker, args=(4, free_port(), "ZBVZeroBubble", single_process_reference), nprocs=4)
 
 
 def test_parts_of_all_ranks_hold_every_parameter_once_under_its_own_name():

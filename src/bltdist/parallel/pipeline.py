@@ -36,7 +36,7 @@ How the trainer uses it (all ranks of the pipeline group load the same batch)::
 
     check_pipeline_layout(cfg)                                   # before any process group
     parts = split_model(model, pp_rank, pp_size, cfg.parallel.pp_schedule)
-    # ... apply TP / FSDP / activation checkpointing to each part here ...
+    # ... apply TP / FSDP (reshard_after_forward=False, see below) / activation checkpointing ...
     del model                    # the parts keep only this rank's modules alive
     pipeline = BLTPipeline(parts, pp_group, cfg.parallel.pp_schedule, microbatch_count(cfg), device)
     optimizer = AdamW(p for part in parts for p in part.parameters())
@@ -47,6 +47,11 @@ How the trainer uses it (all ranks of the pipeline group load the same batch)::
     optimizer.step(); optimizer.zero_grad(set_to_none=True)
     with autocast:
         val_ce_sum = pipeline.evaluate(tokens, patch_lengths, targets)          # None off the last stage
+
+FSDP. Shard the parts with ``reshard_after_forward=False`` (torchtitan's choice under PP too):
+with resharding, the ZBV schedule's split backward of its middle stages (input gradients first,
+weight gradients later, by torch) ends with wrong weight gradients (measured: dp_shard=2 x pp=2 on
+gloo, torch 2.13); GPipe and interleaved 1F1B matched the single-process run either way.
 
 Parameter names. A part keeps the original module paths (``encoder.*``,
 ``global_model.layers.3.*``, ``decoder.*``), so every name in ``part.state_dict()`` is the name
@@ -192,7 +197,8 @@ class _AddParkedGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx, patch_states, byte_states, parked: _Parked):
         ctx.parked = parked
-        return patch_states.view_as(patch_states)
+        # A copy, not a view: FSDP's pre-backward hook on a stage output is lost under in-place ops on views.
+        return patch_states.clone()
 
     @staticmethod
     def backward(ctx, grad_patch_states):
