@@ -53,6 +53,10 @@ with resharding, the ZBV schedule's split backward of its middle stages (input g
 weight gradients later, by torch) ends with wrong weight gradients (measured: dp_shard=2 x pp=2 on
 gloo, torch 2.13); GPipe and interleaved 1F1B matched the single-process run either way.
 
+Torch versions. Tested on torch 2.13 (all schedules) and 2.11 (GPipe, 1F1B, Interleaved1F1B).
+On 2.11 with gloo, ZBVZeroBubble fails in torch's own p2p warm-up, which sends from a rank to
+itself between the V's two same-rank stages (gloo has no self pair; NCCL has).
+
 Parameter names. A part keeps the original module paths (``encoder.*``,
 ``global_model.layers.3.*``, ``decoder.*``), so every name in ``part.state_dict()`` is the name
 of the same parameter in the unsplit model; ``gather_full_state_dict`` collects them on one rank.
