@@ -1,0 +1,265 @@
+"""Pipeline parallelism: real gloo processes on the CPU against a single-process run of the same
+model, seed and batch (fp32)."""
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from bltdist.config import BLTConfig, load_config
+from bltdist.errors import ConfigError
+from bltdist.model import BLT
+from bltdist.model.blt import BOS_ID
+from bltdist.parallel.pipeline import (
+    SCHEDULES,
+    BLTPipeline,
+    check_pipeline_layout,
+    clip_grad_norm_,
+    gather_full_state_dict,
+    layer_split,
+    split_model,
+    stage_indices,
+)
+from bltdist.patching import BYTE_OFFSET, patch_lengths, patch_starts
+
+STEPS = 5
+ACCUMULATION = 2
+MAX_NORM = 0.05  # below the tiny model's gradient norm, so clipping acts in every step
+LR = 1e-2
+
+
+def tiny_config() -> BLTConfig:
+    # global_dim != cross_attn_k * local_dim, so the first stage also holds the global in_proj.
+    return BLTConfig(
+        local_dim=16, local_heads=2, encoder_layers=1, decoder_layers=1, local_window=8, global_dim=24,
+        global_layers=4, global_heads=2, hash_ngram_sizes=[3, 4], hash_functions=1, hash_vocab=31,
+    )  # fmt: skip
+
+
+def build_tiny_model() -> BLT:
+    with torch.device("meta"):
+        model = BLT(tiny_config())
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.init_weights()
+    return model
+
+
+def make_batches(rows: int = 4, seq_len: int = 24) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(tokens, patch lengths, targets) per step: text with spaces, so that rows and steps have
+    different patch counts, and a document boundary inside some rows."""
+    generator = torch.Generator().manual_seed(1)
+    alphabet = torch.tensor([ord(c) + BYTE_OFFSET for c in "ab c"])
+    batches = []
+    for _ in range(STEPS):
+        stream = alphabet[torch.randint(len(alphabet), (rows, seq_len + 1), generator=generator)]
+        stream[:, 0] = BOS_ID
+        stream[0, seq_len // 2] = BOS_ID
+        tokens, targets = stream[:, :-1], stream[:, 1:]
+        batches.append((tokens, patch_lengths(patch_starts(tokens, "space")), targets))
+    return batches
+
+
+def optimizer_for(parameters) -> torch.optim.AdamW:
+    return torch.optim.AdamW(parameters, lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+def single_process_run(batches):
+    """Losses per step; gradients, clipped norm and parameters of step 1; after the last step, the
+    state dict and the summed cross-entropy of the first batch (forward only)."""
+    model = build_tiny_model()
+    optimizer = optimizer_for(model.parameters())
+    losses, first = [], {}
+    for step, (tokens, lengths, targets) in enumerate(batches):
+        logits = model(tokens, lengths)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum") / targets.numel()
+        loss.backward()
+        if step == 0:
+            first["grads"] = {name: p.grad.clone() for name, p in model.named_parameters()}
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step == 0:
+            first["norm"] = norm.item()
+            first["params"] = {name: p.detach().clone() for name, p in model.named_parameters()}
+    tokens, lengths, targets = batches[0]
+    with torch.no_grad():
+        final_ce = F.cross_entropy(model(tokens, lengths).flatten(0, 1), targets.flatten(), reduction="sum").item()
+    final_state = {name: value.clone() for name, value in model.state_dict().items()}
+    return losses, first, final_ce, final_state
+
+
+def assert_tensors_close(actual: dict, expected: dict, what: str, atol_of_scale: float = 1e-5) -> None:
+    for name, value in actual.items():
+        # Relative to the tensor's own scale: entries near zero carry only rounding noise.
+        scale = expected[name].abs().max().item()
+        torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=atol_of_scale * scale, msg=f"{what} {name}")
+
+
+def pipeline_worker(rank: int, world_size: int, port: int, schedule_name: str, expected) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        expected_losses, expected_first, expected_final_ce, expected_final_state = expected
+        group = dist.group.WORLD
+        model = build_tiny_model()
+        parts = split_model(model, rank, world_size, schedule_name)
+        # patch_bucket 4 pads each accumulation half to its own patch count: several schedules get built.
+        pipeline = BLTPipeline(parts, group, schedule_name, 2, torch.device("cpu"), patch_bucket=4)
+        parameters = {name: p for part in parts for name, p in part.named_parameters()}
+        optimizer = optimizer_for(parameters.values())
+        batches = make_batches()
+        for step, (tokens, lengths, targets) in enumerate(batches):
+            step_bytes = targets.numel()
+            ce_sum = 0.0
+            for half in torch.arange(tokens.shape[0]).chunk(ACCUMULATION):
+                half_ce = pipeline.step(tokens[half], lengths[half], targets[half], loss_divisor=step_bytes)
+                assert (half_ce is None) == (not pipeline.holds_last_stage)
+                ce_sum += 0.0 if half_ce is None else half_ce.item()
+            if pipeline.holds_last_stage:
+                loss = ce_sum / step_bytes
+                assert loss == pytest.approx(expected_losses[step], rel=1e-5), f"step {step + 1} loss"
+            if step == 0:
+                grads = {name: p.grad for name, p in parameters.items()}
+                assert_tensors_close(grads, expected_first["grads"], "gradient of")
+            norm = clip_grad_norm_(parameters.values(), MAX_NORM, group)
+            if step == 0:
+                assert norm.item() == pytest.approx(expected_first["norm"], rel=1e-5)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step == 0:
+                after = {name: p.detach() for name, p in parameters.items()}
+                assert_tensors_close(after, expected_first["params"], "after step 1, parameter")
+        final_ce = pipeline.evaluate(*batches[0])
+        if pipeline.holds_last_stage:
+            assert final_ce.item() == pytest.approx(expected_final_ce, rel=1e-5)
+        full = gather_full_state_dict(parts, group)
+        if rank == 0:
+            assert set(full) == set(expected_final_state)
+            # Five AdamW steps turn rounding noise in near-zero gradients into ~1e-6 steps: a looser
+            # absolute bound here; the 1e-5 check of every parameter is the one after step 1.
+            assert_tensors_close(full, expected_final_state, "after the last step, gathered", atol_of_scale=1e-4)
+    finally:
+        dist.destroy_process_group()
+
+
+def fsdp_pipeline_worker(rank: int, world_size: int, port: int, schedule_name: str, expected) -> None:
+    """pp=2 outer, dp_shard=2 inner: the stages are built on FSDP2-sharded parts."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        expected_losses, expected_first, _, expected_final_state = expected
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp_shard"))
+        pp_group, dp_group, dp_rank = mesh["pp"].get_group(), mesh["dp_shard"].get_group(), mesh["dp_shard"].get_local_rank()
+        parts = split_model(build_tiny_model(), mesh["pp"].get_local_rank(), 2, schedule_name)
+        # Parameters stay unsharded between forward and backward, as torchtitan does under PP: with
+        # resharding, torch's split (input / weight) backward of the V's middle stages loses gradients.
+        for part in parts:
+            for layer in part.global_model.layers.values():
+                fully_shard(layer, mesh=mesh["dp_shard"], reshard_after_forward=False)
+            fully_shard(part, mesh=mesh["dp_shard"], reshard_after_forward=False)
+        pipeline = BLTPipeline(parts, pp_group, schedule_name, 1, torch.device("cpu"), patch_bucket=4)
+        parameters = [p for part in parts for p in part.parameters()]
+        optimizer = optimizer_for(parameters)
+        for step, (tokens, lengths, targets) in enumerate(make_batches()):
+            rows = torch.arange(tokens.shape[0]).chunk(2)[dp_rank]
+            ce_sum = torch.zeros((), dtype=torch.float64)
+            for row in rows.chunk(ACCUMULATION):
+                # FSDP averages gradients over dp_shard: divide by the bytes of this rank's step.
+                row_ce = pipeline.step(tokens[row], lengths[row], targets[row], loss_divisor=targets[rows].numel())
+                ce_sum += 0.0 if row_ce is None else row_ce.item()
+            dist.all_reduce(ce_sum, group=dp_group)
+            if pipeline.holds_last_stage:
+                assert ce_sum.item() / targets.numel() == pytest.approx(expected_losses[step], rel=1e-5)
+            norm = clip_grad_norm_(parameters, MAX_NORM, pp_group)
+            if step == 0:
+                assert norm.item() == pytest.approx(expected_first["norm"], rel=1e-5)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        full = gather_full_state_dict(parts, pp_group)
+        if rank == 0:
+            assert set(full) == set(expected_final_state)
+            assert_tensors_close(full, expected_final_state, "after the last step, gathered", atol_of_scale=1e-4)
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def single_process_reference():
+    torch.manual_seed(0)
+    return single_process_run(make_batches())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule_name", list(SCHEDULES))
+def test_pp2_matches_single_process(schedule_name, single_process_reference):
+    """Five steps, each two accumulated pipeline steps of two microbatches, with clipping and AdamW;
+    then a forward-only evaluation."""
+    mp.spawn(pipeline_worker, args=(2, free_port(), schedule_name, single_process_reference), nprocs=2)
+
+
+@pytest.mark.slow
+def test_fsdp2_by_pp2_v_schedule_matches_single_process(single_process_reference):
+    """The V schedule, with its byte-state carry, on parts that FSDP2 sharded before the stages were built."""
+    mp.spawn(fsdp_pipeline_worker, args=(4, free_port(), "ZBVZeroBubble", single_process_reference), nprocs=4)
+
+
+def test_parts_of_all_ranks_hold_every_parameter_once_under_its_own_name():
+    for schedule_name in SCHEDULES:
+        model = build_tiny_model()
+        names = [name for rank in range(2) for part in split_model(model, rank, 2, schedule_name)
+                 for name in part.state_dict()]  # fmt: skip
+        assert sorted(names) == sorted(model.state_dict()), schedule_name
+
+
+def test_v_placement_puts_encoder_and_decoder_on_rank_0():
+    assert stage_indices(0, 2, "ZBVZeroBubble") == [0, 3]
+    assert stage_indices(1, 2, "ZBVZeroBubble") == [1, 2]
+    assert stage_indices(1, 2, "Interleaved1F1B") == [1, 3]
+    model = build_tiny_model()
+    first, last = split_model(model, 0, 2, "ZBVZeroBubble")
+    assert first.encoder is model.encoder and last.decoder is model.decoder
+
+
+def test_layer_split_is_contiguous_and_favours_middle_stages():
+    assert layer_split(4, 2) == [range(0, 2), range(2, 4)]
+    assert layer_split(7, 4) == [range(0, 2), range(2, 4), range(4, 6), range(6, 7)]
+    assert layer_split(5, 2) == [range(0, 3), range(3, 5)]
+
+
+def pipeline_config(*overrides: str):
+    return load_config(None, ["--model.blt.global_layers=4", "--train.micro_batch_size=4", *overrides])
+
+
+def test_more_stages_than_layers_is_a_config_error():
+    with pytest.raises(ConfigError, match="8 pipeline stages, but model.blt.global_layers is 4"):
+        check_pipeline_layout(pipeline_config("--parallel.pp=4", "--parallel.pp_schedule=ZBVZeroBubble"))
+    with pytest.raises(ConfigError, match="5 pipeline stages"):
+        check_pipeline_layout(pipeline_config("--parallel.pp=5", "--parallel.pp_schedule=GPipe"))
+    check_pipeline_layout(pipeline_config("--parallel.pp=4", "--parallel.pp_schedule=1F1B"))
+
+
+def test_microbatch_problems_are_listed_together():
+    cfg = pipeline_config("--parallel.pp=4", "--parallel.pp_schedule=1F1B", "--parallel.pp_microbatches=3")
+    with pytest.raises(ConfigError) as error:
+        check_pipeline_layout(cfg)
+    assert len(error.value.problems) == 2
+    assert "must divide train.micro_batch_size 4" in str(error.value)
+    assert "1F1B needs at least parallel.pp = 4 microbatches" in str(error.value)
+
+
+def test_entropy_model_cannot_be_pipelined():
+    with pytest.raises(ConfigError, match="model.arch is 'entropy'"):
+        check_pipeline_layout(pipeline_config("--parallel.pp=2", "--model.arch=entropy"))
