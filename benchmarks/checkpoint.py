@@ -81,17 +81,16 @@ def measure(size: str, world_size: int, mesh, scratch: Path) -> dict:
     layout = dict(zip(("pp", "dp_replicate", "dp_shard", "cp", "tp"), dims.sizes()))
 
     def training_state():
-        model = build_model(cfg, torch.device("cpu"))
-        parallelize(model, cfg, dims, mesh, bf16=False)
-        optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+        model_parts = parallelize(build_model(cfg, torch.device("cpu")), cfg, dims, mesh, bf16=False)
+        optimizer = build_optimizer(model_parts, cfg, torch.device("cpu"))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
         loader = PackedByteLoader([b"benchmark bytes " * 64], cfg.train.seq_len, cfg.train.micro_batch_size,
                                   dp_rank, dims.dp, cfg.train.seed)  # fmt: skip
         _materialise_optimizer_state(optimizer)
-        return [model], optimizer, scheduler, loader
+        return model_parts, optimizer, scheduler, loader
 
     model_parts, optimizer, scheduler, loader = training_state()
-    params = sum(p.numel() for p in model_parts[0].parameters())
+    params = sum(p.numel() for part in model_parts for p in part.parameters())
     figures: dict[str, float | int | list] = {}
 
     checkpointer = Checkpointer(cfg, layout, dp_rank, torch.device("cpu"))

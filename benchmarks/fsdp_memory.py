@@ -43,9 +43,10 @@ def rank_bytes(config: str, overrides: list[str]) -> None:
         dist.init_process_group("gloo")
         mesh = build_mesh(dims, "cpu")
     model = build_model(cfg, torch.device("cpu"))
-    parallelize(model, cfg, dims, mesh, bf16=False)
-    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
-    for param in model.parameters():
+    model_parts = parallelize(model, cfg, dims, mesh, bf16=False)
+    optimizer = build_optimizer(model_parts, cfg, torch.device("cpu"))
+    parameters = [p for part in model_parts for p in part.parameters()]
+    for param in parameters:
         param.grad = torch.zeros_like(param)
     optimizer.step()
 
@@ -53,7 +54,7 @@ def rank_bytes(config: str, overrides: list[str]) -> None:
         local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
         return local.numel() * local.element_size()
 
-    params = sum(local_bytes(p) for p in model.parameters())
+    params = sum(local_bytes(p) for p in parameters)
     states = sum(
         local_bytes(value) for state in optimizer.state.values() for value in state.values() if value.dim() > 0
     )

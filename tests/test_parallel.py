@@ -2,6 +2,7 @@
 running the same model, seed and global batch (fp32)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -95,6 +96,12 @@ LAYOUTS = {
     "dp_replicate=2 x dp_shard=2": (4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"]),
     "tp=2": (2, ["--parallel.tp=2", "--parallel.dp_shard=1"]),
     "dp_shard=2 x tp=2": (4, ["--parallel.tp=2", "--parallel.dp_shard=2"]),
+    "pp=2 GPipe": (2, ["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_schedule=GPipe"]),
+    "pp=2 1F1B": (2, ["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_schedule=1F1B"]),
+    "pp=2 Interleaved1F1B": (2, ["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_schedule=Interleaved1F1B"]),
+    "pp=2 ZBVZeroBubble": (2, ["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_schedule=ZBVZeroBubble"]),
+    "tp=2 x pp=2": (4, ["--parallel.tp=2", "--parallel.pp=2", "--parallel.dp_shard=1"]),
+    "dp_shard=2 x tp=2 x pp=2": (8, ["--parallel.tp=2", "--parallel.pp=2", "--parallel.dp_shard=2"]),
 }
 
 
@@ -102,18 +109,23 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_single_process(layout, corpus, reference, tmp_path):
     nproc, parallel_args = LAYOUTS[layout]
-    data_parallel = nproc // (2 if "tp=2" in layout else 1) // (2 if "cp=2" in layout else 1)
-    micro = 8 // data_parallel // 2
+    micro = 8 // data_parallel_size(layout, nproc) // 2
     args = [*MODEL, *TRAIN, f"--train.micro_batch_size={micro}", *parallel_args]
     result = run([*args, f"--data.path={corpus}", f"--output_dir={tmp_path}"], nproc)
     assert result.returncode == 0, result.stderr[-4000:]
     assert_matches_reference(reference, tmp_path)
 
 
-def run_gradients(out: Path, parallel_args: list[str], nproc: int) -> dict[str, torch.Tensor]:
+def data_parallel_size(layout: str, nproc: int) -> int:
+    return nproc // math.prod(2 for dim in ("tp=2", "cp=2", "pp=2") if dim in layout)
+
+
+def run_gradients(out: Path, parallel_args: list[str], nproc: int, data_parallel: int) -> dict[str, torch.Tensor]:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    args = [*MODEL, "--train.seq_len=64", "--train.global_batch_size=4", "--train.micro_batch_size=1", *parallel_args]
+    micro = 4 // data_parallel  # one micro-batch per rank: a pipeline splits it into microbatches
+    args = [*MODEL, "--train.seq_len=64", "--train.global_batch_size=4", f"--train.micro_batch_size={micro}",
+            *parallel_args]  # fmt: skip
     command = [sys.executable, *launcher, str(REPO / "tests" / "workers" / "gradients.py"), str(out), *args]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -122,7 +134,7 @@ def run_gradients(out: Path, parallel_args: list[str], nproc: int) -> dict[str, 
 
 @pytest.fixture(scope="module")
 def reference_gradients(tmp_path_factory) -> dict[str, torch.Tensor]:
-    return run_gradients(tmp_path_factory.mktemp("grads") / "single.pt", [], 1)
+    return run_gradients(tmp_path_factory.mktemp("grads") / "single.pt", [], 1, 1)
 
 
 @pytest.mark.slow
@@ -130,7 +142,7 @@ def reference_gradients(tmp_path_factory) -> dict[str, torch.Tensor]:
 def test_layout_gradients_match_single_process(layout, reference_gradients, tmp_path):
     """Every parameter's gradient of one global batch, gathered, against one process."""
     nproc, parallel_args = LAYOUTS[layout]
-    grads = run_gradients(tmp_path / "grads.pt", parallel_args, nproc)
+    grads = run_gradients(tmp_path / "grads.pt", parallel_args, nproc, data_parallel_size(layout, nproc))
     assert grads.keys() == reference_gradients.keys()
     for name, expected in reference_gradients.items():
         scale = float(expected.abs().max())

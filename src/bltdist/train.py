@@ -51,7 +51,13 @@ from bltdist.parallel import (
     pad_patch_lengths,
 )
 from bltdist.parallel.context import ContextParallelLayout, local_loss_sum
+from bltdist.parallel.pipeline import BLTPipeline, microbatch_count, split_model
 from bltdist.patcher import Patcher
+
+
+# Pipeline stages size their buffers by the padded patch count; padding it to a multiple of this
+# keeps the number of distinct shapes, and so of pipeline schedules built, small.
+PATCH_BUCKET = 64
 
 
 def meta_model(cfg: Config) -> torch.nn.Module:
@@ -102,10 +108,11 @@ def lr_factor(step: int, cfg: Config) -> float:
     return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model_parts: list[torch.nn.Module], cfg: Config, device: torch.device) -> torch.optim.AdamW:
+    parameters = [p for part in model_parts for p in part.parameters()]
     # Norm gains are not decayed: shrinking them towards zero only fights the normalisation.
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    decay = [p for p in parameters if p.ndim >= 2]
+    no_decay = [p for p in parameters if p.ndim < 2]
     fused = cfg.optim.fused if cfg.optim.fused is not None else device.type == "cuda"
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -121,6 +128,8 @@ class Stepper:
 
     Every rank of a context-parallel group gets the same micro-batch and patches it whole; the
     model then computes the logits of the rank's own bytes only (``bltdist.parallel.context``).
+    Every rank of a pipeline group gets it too; the pipeline schedule splits it into microbatches
+    and only the last stage sees a loss (``bltdist.parallel.pipeline``).
 
     Loss scaling: a rank's backward loss is its summed byte cross-entropy divided by the bytes of
     the whole global batch, times the number of ranks FSDP averages gradients over (dp x cp).
@@ -128,40 +137,67 @@ class Stepper:
     accumulation: context-parallel ranks hold disjoint bytes whose gradients must add up.
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: Config, dims: ParallelDims, mesh, patcher: Patcher | None,
-                 autocast):  # fmt: skip
-        self.model, self.patcher, self.autocast = model, patcher, autocast
+    def __init__(self, model_parts: list[torch.nn.Module], cfg: Config, dims: ParallelDims, mesh,
+                 patcher: Patcher | None, autocast, device: torch.device):  # fmt: skip
+        self.model_parts, self.patcher, self.autocast = model_parts, patcher, autocast
         self.window = cfg.model.blt.local_window
         self.cp_group = mesh["cp"].get_group() if dims.cp > 1 else None
         # Sequence parallelism splits each cp rank's patches evenly over tp; cp chunks come in 2 x cp.
         self.patch_multiple = dims.tp * (2 * dims.cp if dims.cp > 1 else 1)
         self.counts_patches = dims.cp == 1 or mesh["cp"].get_local_rank() == 0
-        self.loss_scale = dims.dp_cp / (cfg.train.global_batch_size * cfg.train.seq_len)
+        self.loss_divisor = cfg.train.global_batch_size * cfg.train.seq_len / dims.dp_cp
+        self.pipeline = None
+        if dims.pp > 1:
+            self.pipeline = BLTPipeline(
+                model_parts, mesh["pp"].get_group(), cfg.parallel.pp_schedule, microbatch_count(cfg), device,
+                patch_bucket=math.lcm(PATCH_BUCKET, self.patch_multiple),
+            )  # fmt: skip
+            # Patches are counted where the loss is: on the rank of the last stage.
+            self.counts_patches = self.counts_patches and self.pipeline.holds_last_stage
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor, entropies: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-        """Summed byte cross-entropy (nats) of this rank's bytes of the micro-batch, and the number
-        of real patches it counts (each patch is counted by one rank of its cp group).
-        ``entropies``: precomputed next-byte entropies of the tokens, or None (online patching)."""
-        if self.patcher is None:
-            with self.autocast:
-                logits = self.model(tokens)
-            loss_sum = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
-            return loss_sum, tokens.numel()
-        lengths = self.patcher(tokens, entropies)
-        num_patches = int((lengths > 0).sum()) if self.counts_patches else 0
-        lengths = pad_patch_lengths(lengths, self.patch_multiple)
-        if self.cp_group is None:
-            with self.autocast:
-                logits = self.model(tokens, lengths)
-            return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"), num_patches
-        layout = ContextParallelLayout.build(tokens, lengths, self.window, self.cp_group)
-        with self.autocast:
-            logits = self.model(tokens, lengths, layout=layout)
-        return local_loss_sum(logits, targets, layout), num_patches
+    def train(self, mode: bool) -> None:
+        for part in self.model_parts:
+            part.train(mode)
 
     def forward_backward(self, tokens, targets, entropies) -> tuple[float, int]:
-        loss_sum, num_patches = self.forward(tokens, targets, entropies)
-        (loss_sum * self.loss_scale).backward()
+        """Summed byte cross-entropy (nats) of this rank's bytes of the micro-batch (0 on ranks
+        without a loss), and the number of real patches it counts (each patch counted once)."""
+        return self._run(tokens, targets, entropies, backward=True)
+
+    @torch.no_grad()
+    def evaluate(self, tokens, targets, entropies) -> float:
+        return self._run(tokens, targets, entropies, backward=False)[0]
+
+    def _run(self, tokens, targets, entropies, backward: bool) -> tuple[float, int]:
+        """``entropies``: precomputed next-byte entropies of the tokens, or None (online patching)."""
+        if self.patcher is None:
+            lengths, num_patches = None, tokens.numel()
+        else:
+            lengths = self.patcher(tokens, entropies)
+            num_patches = int((lengths > 0).sum()) if self.counts_patches else 0
+            lengths = pad_patch_lengths(lengths, self.patch_multiple)
+        if self.pipeline is not None:
+            with self.autocast:
+                if backward:
+                    loss_sum = self.pipeline.step(tokens, lengths, targets, self.loss_divisor)
+                else:
+                    loss_sum = self.pipeline.evaluate(tokens, lengths, targets)
+            return (0.0 if loss_sum is None else float(loss_sum)), num_patches
+        (model,) = self.model_parts
+        with self.autocast:
+            if lengths is None:
+                logits = model(tokens)
+            elif self.cp_group is None:
+                logits = model(tokens, lengths)
+            else:
+                layout = ContextParallelLayout.build(tokens, lengths, self.window, self.cp_group)
+                logits = model(tokens, lengths, layout=layout)
+        if self.cp_group is None:
+            loss_sum = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+        else:
+            loss_sum = local_loss_sum(logits, targets, layout)
+        if backward:
+            (loss_sum / self.loss_divisor).backward()
         return float(loss_sum.detach()), num_patches
 
 
@@ -197,22 +233,30 @@ def evaluate(stepper: Stepper, reporter: Reporter, documents, cfg: Config, dp_ra
         documents, cfg.train.seq_len, cfg.train.micro_batch_size, dp_rank, dp_size, cfg.train.seed, shuffle=False,
         entropy_source=stepper.patcher.entropy_source(documents) if stepper.patcher is not None else None,
     )  # fmt: skip
-    stepper.model.eval()
+    stepper.train(False)
     loss_sum = 0.0
     for _ in range(cfg.train.val_batches * accum):
-        loss_sum += float(stepper.forward(*next_batch(loader, device))[0])
-    stepper.model.train()
+        loss_sum += stepper.evaluate(*next_batch(loader, device))
+    stepper.train(True)
     byte_count = cfg.train.val_batches * cfg.train.global_batch_size * cfg.train.seq_len
     return reporter.sum([loss_sum])[0] / byte_count
 
 
-def parallelize(model: torch.nn.Module, cfg: Config, dims: ParallelDims, mesh, bf16: bool) -> None:
-    """torchtitan's order: tensor parallel, activation checkpointing and compile, then FSDP."""
-    if dims.tp > 1:
-        apply_tensor_parallel(model, mesh["tp"])
-    apply_activation_checkpointing_and_compile(model, cfg)
-    if dims.uses_fsdp:
-        apply_fsdp(model, mesh.fsdp, bf16=bf16)
+def parallelize(model: torch.nn.Module, cfg: Config, dims: ParallelDims, mesh, bf16: bool) -> list[torch.nn.Module]:
+    """The model parts of this rank: the pipeline split first, then in torchtitan's order on each
+    part tensor parallel, activation checkpointing and compile, then FSDP."""
+    parts = [model]
+    if dims.pp > 1:
+        parts = split_model(model, mesh["pp"].get_local_rank(), dims.pp, cfg.parallel.pp_schedule)
+    for part in parts:
+        if dims.tp > 1:
+            apply_tensor_parallel(part, mesh["tp"])
+        apply_activation_checkpointing_and_compile(part, cfg)
+        if dims.uses_fsdp:
+            # Under a pipeline, torch's zero-bubble schedules split each backward in two; FSDP must
+            # keep the gathered weights between the halves (torchtitan does the same).
+            apply_fsdp(part, mesh.fsdp, bf16=bf16, reshard_after_forward=dims.pp == 1)
+    return parts
 
 
 def train(cfg: Config, train_docs: list[bytes], val_docs: list[bytes]) -> None:
@@ -245,14 +289,16 @@ def train(cfg: Config, train_docs: list[bytes], val_docs: list[bytes]) -> None:
     bf16 = cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and use_cuda)
     model = build_model(cfg, device)
     param_count = sum(p.numel() for p in model.parameters())
-    parallelize(model, cfg, dims, mesh, bf16)
-    optimizer = build_optimizer(model, cfg, device)
+    model_parts = parallelize(model, cfg, dims, mesh, bf16)
+    del model  # a pipeline rank keeps only its own parts
+    parameters = [p for part in model_parts for p in part.parameters()]
+    optimizer = build_optimizer(model_parts, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
 
     # With FSDP, its mixed-precision policy casts parameters to bf16; autocast covers the rest.
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not dims.uses_fsdp)
     patcher = Patcher(cfg.patching, device) if cfg.model.arch == "blt" else None
-    stepper = Stepper(model, cfg, dims, mesh, patcher, autocast)
+    stepper = Stepper(model_parts, cfg, dims, mesh, patcher, autocast, device)
     reporter = Reporter(mesh, device)
     loader = PackedByteLoader(
         train_docs, cfg.train.seq_len, cfg.train.micro_batch_size, dp_rank, dims.dp, cfg.train.seed,
@@ -270,7 +316,7 @@ def train(cfg: Config, train_docs: list[bytes], val_docs: list[bytes]) -> None:
         val_loss = evaluate(stepper, reporter, val_docs, cfg, dp_rank, dims.dp, accum, device)
         logger.val_line({"step": step, "val_loss": val_loss, "val_bpb": val_loss / math.log(2)})
 
-    start_step = checkpointer.restore([model], optimizer, scheduler, loader)
+    start_step = checkpointer.restore(model_parts, optimizer, scheduler, loader)
     if start_step:
         logger.info(f"resumed from {checkpointer.resume_from} after step {start_step}")
     else:
@@ -287,14 +333,15 @@ def train(cfg: Config, train_docs: list[bytes], val_docs: list[bytes]) -> None:
                 tokens, targets, entropies = next_batch(loader, device)
             if dims.uses_fsdp:
                 # Reduce-scatter gradients once per optimizer step, not once per micro-batch.
-                model.set_requires_gradient_sync(micro == accum - 1)
+                for part in model_parts:
+                    part.set_requires_gradient_sync(micro == accum - 1)
             with timer.phase("forward_backward"):
                 loss_sum, num_patches = stepper.forward_backward(tokens, targets, entropies)
             window["loss"] += loss_sum
             window["patches"] += num_patches
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         with timer.phase("grad_norm_allreduce"):
-            grad_norm = clip_grad_norm(list(model.parameters()), clip, world_size // dims.pp)
+            grad_norm = clip_grad_norm(parameters, clip, world_size // dims.pp)
         lr = scheduler.get_last_lr()[0]
         with timer.phase("optimizer"):
             optimizer.step()

@@ -39,17 +39,23 @@ def main() -> None:
         dist.init_process_group("gloo")
         mesh = build_mesh(dims, "cpu")
     model = build_model(cfg, torch.device("cpu"))
-    parallelize(model, cfg, dims, mesh, bf16=False)
-    stepper = Stepper(model, cfg, dims, mesh, Patcher(cfg.patching, torch.device("cpu")), torch.autocast("cpu", enabled=False))
+    model_parts = parallelize(model, cfg, dims, mesh, bf16=False)
+    device = torch.device("cpu")
+    stepper = Stepper(model_parts, cfg, dims, mesh, Patcher(cfg.patching, device), torch.autocast("cpu", enabled=False), device)
     tokens, targets = fixed_batch(cfg)
     dp_rank = mesh.dp.get_local_rank() if mesh is not None else 0
     per_rank = cfg.train.global_batch_size // dims.dp
     mine = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
     stepper.forward_backward(tokens[mine], targets[mine], None)
     grads = {}
-    for name, param in model.named_parameters():
+    for name, param in (item for part in model_parts for item in part.named_parameters()):
         grad = param.grad.full_tensor() if isinstance(param.grad, DTensor) else param.grad
         grads[_clean_name(name)] = grad.detach().clone()
+    if dims.pp > 1:
+        # Each pipeline rank holds the gradients of its own stages.
+        stages = [None] * dims.pp
+        dist.all_gather_object(stages, grads, group=mesh["pp"].get_group())
+        grads = {name: grad for stage in stages for name, grad in stage.items()}
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(grads, out)
     if dist.is_initialized():

@@ -27,24 +27,25 @@ def main() -> None:
         mesh = build_mesh(dims, "cpu")
     device = torch.device("cpu")
     model = build_model(cfg, device)
-    parallelize(model, cfg, dims, mesh, bf16=False)
-    optimizer = build_optimizer(model, cfg, device)
-    stepper = Stepper(model, cfg, dims, mesh, Patcher(cfg.patching, device), torch.autocast("cpu", enabled=False))
+    model_parts = parallelize(model, cfg, dims, mesh, bf16=False)
+    optimizer = build_optimizer(model_parts, cfg, device)
+    stepper = Stepper(model_parts, cfg, dims, mesh, Patcher(cfg.patching, device), torch.autocast("cpu", enabled=False), device)
     accum = grad_accum_steps(cfg, world_size)
     generator = torch.Generator().manual_seed(0)
     shape = (cfg.train.micro_batch_size, cfg.train.seq_len + 1)
     tracker = PeakTensorMemory()
     with tracker:
-        tracker.track(list(model.parameters()), list(model.buffers()))
+        tracker.track([p for part in model_parts for p in part.parameters()], [b for part in model_parts for b in part.buffers()])
         # Two steps: the first creates the optimizer state, the second runs with all of it alive.
         for _ in range(2):
             for micro in range(accum):
                 tokens = torch.randint(4, 260, shape, generator=generator)
                 tokens[:, 0] = 1
                 if dims.uses_fsdp:
-                    model.set_requires_gradient_sync(micro == accum - 1)
+                    for part in model_parts:
+                        part.set_requires_gradient_sync(micro == accum - 1)
                 stepper.forward_backward(tokens[:, :-1], tokens[:, 1:], None)
-            clip_grad_norm(list(model.parameters()), 1.0, world_size // dims.pp)
+            clip_grad_norm([p for part in model_parts for p in part.parameters()], 1.0, world_size // dims.pp)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     peaks = [tracker.peak_bytes]

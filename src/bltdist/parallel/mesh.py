@@ -21,6 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from bltdist.config import Config, data_parallel_size
 from bltdist.errors import ConfigError
 from bltdist.parallel.context import check_context_layout
+from bltdist.parallel.pipeline import check_pipeline_layout
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
@@ -78,10 +79,16 @@ def check_layout(cfg: Config, world_size: int) -> None:
             width = getattr(blt, key) or int(8 * (blt.global_dim if key == "global_ffn_dim" else blt.local_dim) / 3)
             if width % parallel.tp:
                 problems.append(f"parallel.tp: {parallel.tp} must divide the FFN width model.blt.{key} ({width})")
-    try:
-        check_context_layout(cfg)
-    except ConfigError as error:
-        problems += error.problems
+    for check in (check_context_layout, check_pipeline_layout):
+        try:
+            check(cfg)
+        except ConfigError as error:
+            problems += error.problems
+    if parallel.pp > 1 and parallel.cp > 1:
+        problems.append(
+            "parallel.cp: context parallelism inside pipeline stages is not implemented yet; "
+            "use parallel.cp: 1 with parallel.pp > 1, or parallel.pp: 1 with parallel.cp > 1"
+        )
     if problems:
         raise ConfigError(problems)
 
