@@ -44,7 +44,7 @@ from bltdist.train import build_model, build_optimizer, lr_factor, parallelize
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {
-    # configs/tiny.yaml as shipped.
+    # configs/tiny_static.yaml as shipped.
     "tiny": [],
     # About 60M parameters: 0.7 GB of weights and AdamW state in fp32.
     "mid": [
@@ -173,7 +173,7 @@ def main() -> None:
             "torch": torch.__version__,
             "triton": triton_version,
             "commit": commit.stdout.strip() or None,
-            "config": {"base": "configs/tiny.yaml", "processes": world_size, "threads": torch.get_num_threads(),
+            "config": {"base": "configs/tiny_static.yaml", "processes": world_size, "threads": torch.get_num_threads(),
                        "storage": "local disk, fsync on"},  # fmt: skip
             **results,
         }

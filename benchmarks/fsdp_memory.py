@@ -6,7 +6,7 @@ exist, and count the bytes each rank holds: its parameter shards plus its optimi
 FSDP gives (dp_shard=1 bytes) / N; the figure ``ratio_to_ideal`` is measured / ideal for each N
 (1.0 = perfect; FSDP pads uneven shards, so slightly above 1).
 
-    python benchmarks/fsdp_memory.py [--config configs/tiny.yaml] [--sizes 1 2 4] [overrides...]
+    python benchmarks/fsdp_memory.py [--config configs/tiny_static.yaml] [--sizes 1 2 4] [overrides...]
 
 Writes benchmarks/results/fsdp_memory-cpu-<date>.json and prints one line per size.
 """

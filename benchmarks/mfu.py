@@ -13,7 +13,7 @@ halving) against the device's dense bf16 peak; on CPU it is null unless --peak-t
 and CPU figures are never GPU performance.
 
     python benchmarks/mfu.py --configs configs/blt_1b.yaml --seq-lens 8192 16384 --layouts fsdp tp=2
-    python benchmarks/mfu.py --nproc 2 --configs configs/tiny.yaml --seq-lens 256 512 --steps 3   # CPU
+    python benchmarks/mfu.py --nproc 2 --configs configs/tiny_static.yaml --seq-lens 256 512 --steps 3   # CPU
 """
 
 from __future__ import annotations

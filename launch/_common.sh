@@ -19,8 +19,8 @@ wants_help() {
 }
 
 require_config() {  # require_config "$@": the first argument must be a readable YAML file
-    [[ $# -ge 1 && $1 != -* ]] || fail 2 "missing config: give a config file first, e.g. $(basename "$0") configs/tiny.yaml [--key VALUE ...] (--help for more)"
-    [[ -f $1 && -r $1 ]] || fail 2 "config $1 does not exist or is not readable; give the path of a YAML config such as configs/tiny.yaml"
+    [[ $# -ge 1 && $1 != -* ]] || fail 2 "missing config: give a config file first, e.g. $(basename "$0") configs/tiny_static.yaml [--key VALUE ...] (--help for more)"
+    [[ -f $1 && -r $1 ]] || fail 2 "config $1 does not exist or is not readable; give the path of a YAML config such as configs/tiny_static.yaml"
 }
 
 require_int() {  # require_int NAME MIN [MAX]: $NAME must be set to an integer in [MIN, MAX]

@@ -17,7 +17,7 @@ environment:
 
 example:
   launch/single_node.sh configs/blt_1b.yaml --output_dir runs/blt_1b
-  NPROC_PER_NODE=2 launch/single_node.sh configs/tiny.yaml    # CPU, gloo
+  NPROC_PER_NODE=2 launch/single_node.sh configs/tiny_static.yaml    # CPU, gloo
 USAGE
 }
 

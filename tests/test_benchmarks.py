@@ -21,7 +21,7 @@ TINY_MODEL = [
 @pytest.mark.slow
 def test_cpu_sweep_writes_json_table_and_plot(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [sys.executable, "benchmarks/mfu.py", "--nproc", "2", "--configs", "configs/tiny.yaml",
+    command = [sys.executable, "benchmarks/mfu.py", "--nproc", "2", "--configs", "configs/tiny_static.yaml",
                "--seq-lens", "64", "128", "--layouts", "fsdp", "--steps", "3", "--peak-tflops", "0.05",
                "--results-dir", str(tmp_path), "--overrides", *TINY_MODEL]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
@@ -36,7 +36,7 @@ def test_cpu_sweep_writes_json_table_and_plot(tmp_path):
         assert point["mfu"] == pytest.approx(point["tflops_per_rank"] / 0.05)
         assert point["step_time_breakdown"]["forward_backward_s"] > 0
     table = json_path.with_suffix(".md").read_text()
-    assert table.count("| configs/tiny.yaml |") == 2
+    assert table.count("| configs/tiny_static.yaml |") == 2
     assert json_path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -38,7 +38,7 @@ def test_defaults_validate():
 
 def test_configs_directory_holds_the_documented_files():
     assert {path.name for path in CONFIGS} >= {
-        "tiny.yaml", "blt_1b.yaml", "blt_7b.yaml", "entropy_tiny.yaml", "entropy_100m.yaml"
+        "tiny.yaml", "tiny_static.yaml", "blt_1b.yaml", "blt_7b.yaml", "entropy_tiny.yaml", "entropy_100m.yaml"
     }  # fmt: skip
 
 
@@ -220,7 +220,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 def test_parse_args_forms():
     assert parse_args([]) == (None, [])
-    assert parse_args(["configs/tiny.yaml", "--train.steps", "3"]) == ("configs/tiny.yaml", ["--train.steps", "3"])
+    assert parse_args(["configs/tiny_static.yaml", "--train.steps", "3"]) == ("configs/tiny_static.yaml", ["--train.steps", "3"])
     assert parse_args(["--train.steps=3", "--config", "a.yaml"]) == ("a.yaml", ["--train.steps=3"])
     assert parse_args(["--config=a.yaml", "--optim.lr", "1e-3"]) == ("a.yaml", ["--optim.lr", "1e-3"])
     with pytest.raises(ConfigError):
@@ -242,7 +242,7 @@ def test_missing_config_file_is_a_config_error(tmp_path):
 
 def test_help_lists_every_key_and_exits_zero(capsys):
     with pytest.raises(SystemExit) as exited:
-        parse_args(["configs/tiny.yaml", "--help"])
+        parse_args(["configs/tiny_static.yaml", "--help"])
     assert exited.value.code == 0
     text = capsys.readouterr().out
     assert "--optim.lr" in text and "0.0003" in text and "float" in text

@@ -75,14 +75,14 @@ def test_missing_config_exits_2_with_a_message(script, args, message, fake_slurm
 )
 def test_wrong_node_or_process_count_exits_2(script, env, message, fake_slurm):
     base = {"MASTER_ADDR": "127.0.0.1", "NPROC_PER_NODE": "1", **(fake_slurm if script == "slurm.sbatch" else {})}
-    result = launch(script, ["configs/tiny.yaml"], {**base, **env}, timeout=60)
+    result = launch(script, ["configs/tiny_static.yaml"], {**base, **env}, timeout=60)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
 
 
 def test_slurm_never_takes_a_loopback_address_for_the_head_node(fake_slurm):
     # The fake allocation's first node is "localhost", which resolves only to 127.0.0.1.
-    result = launch("slurm.sbatch", ["configs/tiny.yaml"], fake_slurm, timeout=60)
+    result = launch("slurm.sbatch", ["configs/tiny_static.yaml"], fake_slurm, timeout=60)
     assert result.returncode == 2 and "non-loopback address" in result.stderr, result.stderr
 
 
@@ -109,7 +109,7 @@ def test_failed_rendezvous_exits_3_within_the_timeout(script, env, fake_slurm):
     if script == "slurm.sbatch":
         env = {**fake_slurm, **env}
     start = time.monotonic()
-    result = launch(script, ["configs/tiny.yaml"], env, timeout=RDZV_TIMEOUT + STARTUP_ALLOWANCE)
+    result = launch(script, ["configs/tiny_static.yaml"], env, timeout=RDZV_TIMEOUT + STARTUP_ALLOWANCE)
     assert result.returncode == 3, result.stderr[-3000:]
     assert f"did not complete within {RDZV_TIMEOUT} s" in result.stderr
     assert "NNODES=2 nodes were started" in result.stderr
@@ -125,7 +125,7 @@ def test_two_nodes_of_two_processes_train_the_tiny_config(tmp_path):
     env = {"NNODES": "2", "NPROC_PER_NODE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "RDZV_TIMEOUT": "120"}  # fmt: skip
     full_env = [dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable, NODE_RANK=str(r), **env) for r in (0, 1)]
-    command = ["bash", str(REPO / "launch" / "multi_node.sh"), "configs/tiny.yaml", *overrides]
+    command = ["bash", str(REPO / "launch" / "multi_node.sh"), "configs/tiny_static.yaml", *overrides]
     nodes = [subprocess.Popen(command, env=e, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for e in full_env]  # fmt: skip
     outputs = [node.communicate(timeout=600) for node in nodes]

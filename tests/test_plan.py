@@ -19,7 +19,7 @@ MID_SIZE = [  # the small BLT of BLT_NOTES section 4 (local 256, 1 + 4 layers, g
     "--model.blt.global_layers=6", "--model.blt.hash_vocab=4096", "--model.blt.local_window=128",
     "--train.seq_len=256", "--train.global_batch_size=4", "--train.micro_batch_size=2",
 ]  # fmt: skip
-CONFIGS = {"tiny": ["--config", "configs/tiny.yaml"], "mid-size": MID_SIZE}
+CONFIGS = {"tiny": ["--config", "configs/tiny_static.yaml"], "mid-size": MID_SIZE}
 LAYOUTS = [Layout(), Layout(dp_shard=2), Layout(dp_replicate=2, dp_shard=2)]
 
 
@@ -67,19 +67,19 @@ def run_plan(args: list[str]) -> subprocess.CompletedProcess:
 
 
 def test_plan_recommends_the_fastest_layout_that_fits():
-    roomy = run_plan(["--config", "configs/tiny.yaml", "--gpus", "4", "--gpu-mem-gb", "80"])
+    roomy = run_plan(["--config", "configs/tiny_static.yaml", "--gpus", "4", "--gpu-mem-gb", "80"])
     assert roomy.returncode == 0, roomy.stderr
     assert "recommended: dp_shard=4" in roomy.stdout and "relative speed 1.00" in roomy.stdout
     # 0.12 GB excludes replication (about 0.2 GB per rank for fp32 states + activations).
-    tight = run_plan(["--config", "configs/tiny.yaml", "--gpus", "4", "--gpu-mem-gb", "0.12", "--dtype", "fp32"])
+    tight = run_plan(["--config", "configs/tiny_static.yaml", "--gpus", "4", "--gpu-mem-gb", "0.12", "--dtype", "fp32"])
     assert tight.returncode == 0, tight.stderr
     assert "dp_replicate=4" in tight.stdout and "recommended: dp_replicate=4" not in tight.stdout
 
 
 def test_plan_says_when_nothing_fits_and_rejects_bad_input():
-    none = run_plan(["--config", "configs/tiny.yaml", "--gpus", "2", "--gpu-mem-gb", "0.001"])
+    none = run_plan(["--config", "configs/tiny_static.yaml", "--gpus", "2", "--gpu-mem-gb", "0.001"])
     assert none.returncode == 0 and "no layout of the model and batch fits" in none.stdout
-    bad = run_plan(["--config", "configs/tiny.yaml", "--gpus", "0", "--gpu-mem-gb", "80"])
+    bad = run_plan(["--config", "configs/tiny_static.yaml", "--gpus", "0", "--gpu-mem-gb", "80"])
     assert bad.returncode == 2 and "--gpus" in bad.stderr
     missing = run_plan(["--config", "configs/nonexistent.yaml", "--gpus", "2", "--gpu-mem-gb", "80"])
     assert missing.returncode == 2 and "nonexistent.yaml" in missing.stderr

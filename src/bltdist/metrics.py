@@ -73,7 +73,7 @@ class MetricsLogger:
         eta = _format_duration(seconds_per_step * (self.total_steps - record["step"]))
         print(
             f"step {record['step']:>6}/{self.total_steps} | loss {record['loss']:.4f} | bpb {record['bpb']:.3f} | "
-            f"{_format_rate(record['bytes_per_sec'])} B/s | MFU {mfu} | grad {record['grad_norm']:.2f} | "
+            f"{_format_rate(record['bytes_per_sec'])} B/s | {record['tflops']:.3g} TFLOP/s | MFU {mfu} | grad {record['grad_norm']:.2f} | "
             f"lr {record['lr']:.2e} | ETA {eta}",
             flush=True,
         )
