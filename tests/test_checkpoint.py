@@ -35,6 +35,9 @@ LAYOUTS = {
     "single": (1, ["--train.micro_batch_size=4"]),
     "dp_shard=4": (4, ["--parallel.dp_shard=4", "--train.micro_batch_size=2"]),
     "dp_shard=2 x tp=2": (4, ["--parallel.dp_shard=2", "--parallel.tp=2", "--train.micro_batch_size=2"]),
+    "dp_shard=2": (2, ["--parallel.dp_shard=2", "--train.micro_batch_size=4"]),
+    "tp=2 x pp=2": (4, ["--parallel.dp_shard=1", "--parallel.tp=2", "--parallel.pp=2", "--train.micro_batch_size=8"]),
+    "cp=2": (2, ["--parallel.dp_shard=1", "--parallel.cp=2", "--train.micro_batch_size=8"]),
 }
 
 
@@ -207,14 +210,14 @@ def test_four_processes_killed_mid_training_resume_bitwise(reference_dp_tp, corp
 
 
 @pytest.mark.slow
-def test_resharding_dp_shard_4_to_dp_shard_2_x_tp_2_to_one_process(reference, corpus, tmp_path):
+def test_resharding_dp_shard_4_to_tp_2_x_pp_2_to_one_process(reference, corpus, tmp_path):
     """Each leg stops on SIGTERM (sent to rank 0 only: the ranks agree) and the next resumes its
     checkpoint under another layout; every loss stays within 1e-5 of the uninterrupted run."""
-    first, second, third = tmp_path / "dp_shard_4", tmp_path / "dp_tp", tmp_path / "single"
+    first, second, third = tmp_path / "dp_shard_4", tmp_path / "tp_pp", tmp_path / "single"
     result = launch("dp_shard=4", [f"--data.path={corpus}", f"--output_dir={first}"], worker=["sigterm-after-step", "3"])
     assert result.returncode == 0, result.stderr[-4000:]
-    result = launch("dp_shard=2 x tp=2", [f"--data.path={corpus}", f"--output_dir={second}",
-                                          f"--checkpoint.resume={first / 'checkpoints' / 'step_3'}"],
+    result = launch("tp=2 x pp=2", [f"--data.path={corpus}", f"--output_dir={second}",
+                                    f"--checkpoint.resume={first / 'checkpoints' / 'step_3'}"],
                     worker=["sigterm-after-step", "6"])  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     result = launch("single", [f"--data.path={corpus}", f"--output_dir={third}",
@@ -223,5 +226,19 @@ def test_resharding_dp_shard_4_to_dp_shard_2_x_tp_2_to_one_process(reference, co
     expected = losses(reference)
     got = {**losses(first), **losses(second), **losses(third)}
     assert sorted(losses(second)) == [4, 5, 6] and sorted(losses(third)) == [7, 8, 9]
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, rel=1e-5), f"step {step}: {got[step]} vs {loss}"
+
+
+@pytest.mark.slow
+def test_resharding_cp_2_to_dp_shard_2(reference, corpus, tmp_path):
+    first, second = tmp_path / "cp", tmp_path / "dp"
+    result = launch("cp=2", [f"--data.path={corpus}", f"--output_dir={first}"], worker=["sigterm-after-step", "3"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    result = launch("dp_shard=2", [f"--data.path={corpus}", f"--output_dir={second}",
+                                   f"--checkpoint.resume={first / 'checkpoints' / 'step_3'}"])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    expected, got = losses(reference), {**losses(first), **losses(second)}
+    assert sorted(losses(second)) == [4, 5, 6, 7, 8, 9]
     for step, loss in expected.items():
         assert got[step] == pytest.approx(loss, rel=1e-5), f"step {step}: {got[step]} vs {loss}"

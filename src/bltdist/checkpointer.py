@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import signal
+import warnings
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -468,5 +469,8 @@ def consolidate(checkpoint: str | Path, out_dir: str | Path) -> Path:
         name: torch.empty(spec["shape"], dtype=getattr(torch, spec["dtype"]))
         for name, spec in metadata["tensors"]["model"].items()
     }
-    dcp.load({"model": model}, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=True)
+    with warnings.catch_warnings():
+        # no_dist=True is exactly that intent; PyTorch still warns about it.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({"model": model}, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=True)
     return save_weights_dir(model, config_from_dict(metadata["config"], str(path / METADATA_FILE)), out_dir)
