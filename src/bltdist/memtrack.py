@@ -43,12 +43,17 @@ def _tensors_in(value):
 
 
 class PeakTensorMemory(TorchDispatchMode):
-    """``with PeakTensorMemory() as tracker: ...``; then ``tracker.peak_bytes``."""
+    """``with PeakTensorMemory() as tracker: ...``; then ``tracker.peak_bytes``. Setting
+    ``tracker.phase`` to a label as the tracked code moves on (forward, backward, optimizer step)
+    makes ``tracker.peak_phase`` say where the peak happened: which terms of an estimate were
+    alive together."""
 
     def __init__(self):
         super().__init__()
         self._storages: dict[int, weakref.ref] = {}
         self.peak_bytes = 0
+        self.phase = ""
+        self.peak_phase = ""
 
     def track(self, *tensors_or_collections) -> None:
         for tensor in _tensors_in(tensors_or_collections):
@@ -66,7 +71,9 @@ class PeakTensorMemory(TorchDispatchMode):
         return sum(storage.nbytes() for ref in list(self._storages.values()) if (storage := ref()) is not None)
 
     def _sample(self) -> None:
-        self.peak_bytes = max(self.peak_bytes, self.current_bytes())
+        current = self.current_bytes()
+        if current > self.peak_bytes:
+            self.peak_bytes, self.peak_phase = current, self.phase
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))

@@ -2,16 +2,28 @@
 ``python -m bltdist.plan --config X --gpus N --gpu-mem-gb M [--section.key VALUE ...]``.
 
 Per rank, for a layout pp x dp_replicate x dp_shard x cp x tp (``bltdist.memtrack`` defines the
-measured quantity this estimates):
+measured quantity this estimates), the estimate is the larger of the two moments at which a
+training step peaks; they are not all alive at once:
 
-- states: parameters, gradients (fp32) and AdamW's two moments (fp32) of the rank's pipeline
-  stage, divided by dp_shard x cp (FSDP shards them) and, for transformer-block and
-  cross-attention weights, by tp;
-- FSDP buffers (when dp_shard x cp x dp_replicate > 1): FSDP2 keeps the root unit (embeddings,
-  hash tables, slot projections, head) unsharded for the whole step; for blocks it holds one
-  unit being computed and one prefetched, plus that unit's full gradient before the
-  reduce-scatter. The root's full gradient is left out: the embedding tables' gradient appears
-  at the very end of backward, when the activations it would add to are already freed;
+- states: parameters and AdamW's two moments (fp32) of the rank's pipeline stage, divided by
+  dp_shard x cp (FSDP shards them) and, for transformer-block and cross-attention weights, by tp.
+  They are alive for the whole run.
+- start of backward (the peak of every measured layout but tiny HSDP, see below): the forward's
+  activations are all still alive, and so are:
+  - gradients only under gradient accumulation (several micro-batches, or pp > 1): the previous
+    step's were freed by ``zero_grad(set_to_none=True)``, and this step's appear only as backward
+    frees activations. With FSDP they are full size, not sharded: while gradient sync is off
+    FSDP2 keeps each parameter's unreduced gradient and reduce-scatters it on the last
+    micro-batch;
+  - FSDP buffers (when dp_shard x cp x dp_replicate > 1). ``apply_fsdp`` passes
+    ``reshard_after_forward=True`` to the root unit (embeddings, hash tables, slot projections,
+    head) as well, so FSDP2 frees the root's gathered parameters after forward and all-gathers
+    them again in the root's pre-backward: its flat all-gather output and the unsharded
+    parameters it is copied into are alive together, twice the root. After that copy the flat
+    buffer is freed and the last block unit is prefetched (its flat output and unsharded
+    parameters, twice that unit), so the buffers are root + max(root, 2 x largest unit). With
+    dp_replicate only (no sharding) there is no flat output: root + largest unit.
+    Block units are resharded after their forward, so none is gathered before backward starts;
 - activations: measured by probes, not guessed. The model is built with 1 and 2 layers of each
   kind, micro-batch 1 and a short sequence, and one forward+backward is run on the CPU with
   gradients dropped as they are produced; the peak tensor memory above the parameters is the
@@ -21,6 +33,16 @@ measured quantity this estimates):
   a pipeline stage keeps its share of layers for the microbatches in flight (pp for 1F1B).
   The probes run the PyTorch reference (blocked SDPA, reference cross-attention), so on GPU,
   where fused kernels save less, the activation estimate errs on the safe side.
+- optimizer step: activations are freed and the sharded gradients (fp32) join the states, plus
+  the step's temporaries: ``clip_grad_norm`` squares each local gradient in fp64 (a copy and its
+  square, 16 bytes per element of the largest local tensor), which also covers the two fp32
+  temporaries per tensor of the single-tensor AdamW used on CPU.
+
+Not modelled: inside backward, a unit's sharded gradients appear as its activations are freed;
+where a unit's gradient shards outweigh its activations (the global blocks at micro-batch 1)
+memory grows a little during backward, which the start-of-backward figure misses (measured:
+2% for the mid-size config as dp_replicate=2 x dp_shard=2). The root's full gradient (the hash
+tables') appears at the very end of backward, when the activations it would add to are freed.
 
 Speed ranks layouts that fit by a simple model of what each dimension costs: the pipeline
 bubble (pp - 1) / (microbatches + pp - 1), tensor-parallel all-reduces that do not overlap
@@ -39,7 +61,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bltdist.config import Config, load_config, parse_args
+from bltdist.config import Config, grad_accum_steps, load_config, parse_args
 from bltdist.errors import ConfigError, UserError
 from bltdist.memtrack import PeakTensorMemory
 from bltdist.model import BLT, ByteLM
@@ -47,6 +69,7 @@ from bltdist.model.layers import CrossAttention, TransformerBlock
 from bltdist.parallel.mesh import check_layout
 
 FP32 = 4
+FP64 = 8
 PROBE_SEQ_LEN = 1024
 
 
@@ -73,6 +96,8 @@ class ParameterCounts:
     root: int
     units: list[int]
     unit_norms: int  # norm gains inside units: not split by tensor parallelism
+    largest_root_tensor: int  # elements of the largest single parameter outside units
+    largest_unit_tensor: int  # ... and inside units (split by tensor parallelism)
 
     @property
     def total(self) -> int:
@@ -90,7 +115,10 @@ def count_parameters(cfg: Config) -> ParameterCounts:
     in_units = {id(p) for m in units for p in m.parameters()}
     root = sum(p.numel() for p in model.parameters() if id(p) not in in_units)
     norms = sum(p.numel() for m in units for p in m.parameters() if p.ndim == 1)
-    return ParameterCounts(root, [sum(p.numel() for p in m.parameters()) for m in units], norms)
+    largest_root = max((p.numel() for p in model.parameters() if id(p) not in in_units), default=0)
+    largest_unit = max((p.numel() for m in units for p in m.parameters()), default=0)
+    return ParameterCounts(root, [sum(p.numel() for p in m.parameters()) for m in units], norms, largest_root,
+                           largest_unit)  # fmt: skip
 
 
 def _layer_keys(cfg: Config) -> tuple[str, ...]:
@@ -160,17 +188,32 @@ class ActivationModel:
 
 @dataclass
 class Estimate:
+    """Per-rank bytes at the larger of the two peaks of a step (see the module docstring):
+    ``states`` (parameters + AdamW moments) are alive at both; ``gradients`` and ``fsdp_buffers``
+    are what is alive with the activations at the start of backward; ``step_extra`` is what the
+    optimizer step adds to the states instead (sharded gradients and the step's temporaries)."""
+
     layout: Layout
     micro_batch: int
     states: float
+    gradients: float
     fsdp_buffers: float
     activations: float
+    step_extra: float
     relative_speed: float
     speed_notes: list[str]
 
     @property
+    def backward_start(self) -> float:
+        return self.states + self.gradients + self.fsdp_buffers + self.activations
+
+    @property
+    def optimizer_step(self) -> float:
+        return self.states + self.step_extra
+
+    @property
     def total(self) -> float:
-        return self.states + self.fsdp_buffers + self.activations
+        return max(self.backward_start, self.optimizer_step)
 
 
 def estimate(cfg: Config, layout: Layout, counts: ParameterCounts, activations: ActivationModel,
@@ -181,13 +224,28 @@ def estimate(cfg: Config, layout: Layout, counts: ParameterCounts, activations: 
     # Stage 0 is the heaviest: it holds the embeddings and hash tables, the largest root part.
     unit_params = sum(stage_units)
     tp_split = (unit_params - counts.unit_norms / layout.pp) / layout.tp + counts.unit_norms / layout.pp
-    local_params = (counts.root + tp_split) / shard
-    states = local_params * FP32 * 4  # parameters, gradients, two AdamW moments
-    fsdp_buffers = 0.0
-    if layout.dp_replicate * shard > 1:
-        largest_unit = max(stage_units, default=0) / layout.tp
-        fsdp_buffers = counts.root * compute_bytes + largest_unit * (2 * compute_bytes + FP32)
+    unsharded_params = counts.root + tp_split
+    local_params = unsharded_params / shard
+    states = local_params * FP32 * 3  # parameters and two AdamW moments
+    uses_fsdp = layout.dp_replicate * shard > 1
     microbatches = cfg.parallel.pp_microbatches or layout.pp
+    accumulates = grad_accum_steps(cfg, layout.world_size) > 1 or microbatches > 1
+    gradients = 0.0
+    if accumulates:
+        # Earlier micro-batches' gradients wait for the last one; FSDP keeps them unreduced.
+        gradients = (unsharded_params if uses_fsdp else local_params) * FP32
+    fsdp_buffers = 0.0
+    if uses_fsdp:
+        largest_unit = max(stage_units, default=0) / layout.tp
+        # An all-gather over > 1 rank lands in a flat output before it is copied into the unsharded
+        # parameters; with no sharding (dp_replicate only) FSDP2 copies the local shard directly.
+        gathered_copies = 2 if shard > 1 else 1
+        root_gathered = counts.root * compute_bytes
+        root_flat_output = root_gathered * (gathered_copies - 1)  # the root's re-gather in its pre-backward
+        prefetched_unit = gathered_copies * largest_unit * compute_bytes  # next, once that flat output is freed
+        fsdp_buffers = root_gathered + max(root_flat_output, prefetched_unit)
+    largest_local_tensor = max(counts.largest_root_tensor, counts.largest_unit_tensor / layout.tp) / shard
+    step_extra = local_params * FP32 + largest_local_tensor * 2 * FP64  # sharded grads; clip's fp64 copy and square
     act = activations.bytes_per_rank(cfg, layout, microbatches)
 
     speed, notes = 1.0, []
@@ -206,7 +264,7 @@ def estimate(cfg: Config, layout: Layout, counts: ParameterCounts, activations: 
         notes.append(f"context-parallel ring passes (~{100 * loss:.0f}%)")
     if not notes:
         notes.append("data parallel only: FSDP collectives overlap compute")
-    return Estimate(layout, cfg.train.micro_batch_size, states, fsdp_buffers, act, speed, notes)
+    return Estimate(layout, cfg.train.micro_batch_size, states, gradients, fsdp_buffers, act, step_extra, speed, notes)
 
 
 def _divisors(n: int) -> list[int]:
@@ -270,13 +328,15 @@ def plan(cfg: Config, gpus: int, gpu_mem_gb: float, gpus_per_node: int, dtype_by
 
 
 def format_table(estimates: list[Estimate], gpu_mem_gb: float) -> str:
-    header = f"{'layout':<40} {'micro':>5} {'states':>8} {'fsdp':>8} {'activ.':>8} {'total':>8} {'fits':>5} {'speed':>6}"
+    header = (f"{'layout':<40} {'micro':>5} {'states':>8} {'grads':>8} {'fsdp':>8} {'activ.':>8} {'step':>8} "
+              f"{'total':>8} {'fits':>5} {'speed':>6}")  # fmt: skip
     lines = [header, "-" * len(header)]
     for e in sorted(estimates, key=lambda e: e.total):
-        gb = [x / 1e9 for x in (e.states, e.fsdp_buffers, e.activations, e.total)]
+        gb = [x / 1e9 for x in (e.states, e.gradients, e.fsdp_buffers, e.activations, e.step_extra, e.total)]
         fits = "yes" if e.total <= gpu_mem_gb * 1e9 else "no"
         lines.append(f"{str(e.layout):<40} {e.micro_batch:>5} " + " ".join(f"{x:8.2f}" for x in gb) + f" {fits:>5} {e.relative_speed:6.2f}")
-    lines.append("(GB per rank; states = parameters + gradients + AdamW moments in fp32)")
+    lines.append("(GB per rank; states = parameters + AdamW moments in fp32; total = the larger of the start of backward "
+                 "(states + grads + fsdp + activ.) and the optimizer step (states + step: sharded grads, temporaries))")
     return "\n".join(lines)
 
 

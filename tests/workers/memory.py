@@ -34,27 +34,35 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     shape = (cfg.train.micro_batch_size, cfg.train.seq_len + 1)
     tracker = PeakTensorMemory()
+    step = 0
+    # The model's output is the last thing forward computes: from there on the loss and backward run
+    # (FSDP's root pre-backward all-gather included), which the planner counts as the start of backward.
+    model_parts[-1].register_forward_hook(lambda *_: setattr(tracker, "phase", f"step {step} micro-batch {micro} loss+backward"))
     with tracker:
         tracker.track([p for part in model_parts for p in part.parameters()], [b for part in model_parts for b in part.buffers()])
         # Two steps: the first creates the optimizer state, the second runs with all of it alive.
-        for _ in range(2):
+        for step in (1, 2):
             for micro in range(accum):
                 tokens = torch.randint(4, 260, shape, generator=generator)
                 tokens[:, 0] = 1
                 if dims.uses_fsdp:
                     for part in model_parts:
                         part.set_requires_gradient_sync(micro == accum - 1)
+                tracker.phase = f"step {step} micro-batch {micro} forward"
                 stepper.forward_backward(tokens[:, :-1], tokens[:, 1:], None)
+            tracker.phase = f"step {step} clip_grad_norm"
             clip_grad_norm([p for part in model_parts for p in part.parameters()], 1.0, world_size // dims.pp)
+            tracker.phase = f"step {step} optimizer"
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    peaks = [tracker.peak_bytes]
+    peaks, phases = [tracker.peak_bytes], [tracker.peak_phase]
     if world_size > 1:
-        peaks = [0] * world_size
+        peaks, phases = [0] * world_size, [""] * world_size
         dist.all_gather_object(peaks, tracker.peak_bytes)
+        dist.all_gather_object(phases, tracker.peak_phase)
     if int(os.environ.get("RANK", "0")) == 0:
         with open(out, "w") as f:
-            json.dump({"peak_bytes_per_rank": peaks}, f)
+            json.dump({"peak_bytes_per_rank": peaks, "peak_phase_per_rank": phases}, f)
     if world_size > 1:
         dist.destroy_process_group()
 
