@@ -10,7 +10,8 @@ attention: early chunks attend to little, late chunks to a lot). A rank's bytes 
 its patches, so the encoder pools and the global model sees exactly the single-process patches.
 Byte counts then differ per chunk and per row; every chunk is right-padded with inert bytes to
 the longest chunk of the batch (every rank knows all patch lengths, so all ranks agree on that
-size without communicating). Padding bytes form a document of their own, belong to no patch and
+size without communicating), or to a given larger width: a pipeline stage gets the width of its
+whole batch, so that its microbatches all have one shape (``bltdist.parallel.pipeline``). Padding bytes form a document of their own, belong to no patch and
 carry no loss. The global model, the expensive part, is balanced exactly; the local layers pay
 for the padding (the spread of chunk byte counts, small when patches are many per chunk).
 

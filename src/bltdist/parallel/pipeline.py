@@ -24,6 +24,18 @@ zero-length patches up to a multiple of ``patch_bucket`` (padding patches form n
 real byte or patch sees them) and keeps one schedule per batch shape (rows, bytes, padded patches)
 and mode (training or evaluation), the few most recent.
 
+Context parallelism. With a cp group (``split_model(..., cp_group)``) every stage runs the cp
+rank's share of each microbatch: ``BLTStage`` builds a ``ContextParallelLayout`` instead of a
+``PatchLayout`` (its ring attention, halo and decoder exchanges run inside the stage, among the
+cp ranks of the same stage, which run the same schedule in step), the patch states are the rank's
+two patch chunks (P / cp rows, rotary positions from ``layout.patch_positions``), the byte states
+and the last stage's logits its own bytes: 2 x width, width the longest chunk of the *whole
+batch* (``chunk_width``), handed to every microbatch so that all have one shape. That width
+varies from batch to batch, so it is part of a schedule's shape key. The loss target is the
+rank's own targets (``own_targets``, -100 on padding bytes, ignored by the cross-entropy),
+computed once for the batch and split by torch like the logits. Summed over the cp ranks, the
+losses and gradients are those of the whole sequence, as on the non-pipeline cp path.
+
 Loss and gradients. The schedule calls the loss once per microbatch and adds the microbatch
 gradients; it is built with ``scale_grads=False`` and the loss is the microbatch's summed byte
 cross-entropy divided by ``loss_divisor``. The gradient of a step is therefore that of
@@ -35,7 +47,7 @@ byte count when they are summed.
 How the trainer uses it (all ranks of the pipeline group load the same batch)::
 
     check_pipeline_layout(cfg)                                   # before any process group
-    parts = split_model(model, pp_rank, pp_size, cfg.parallel.pp_schedule)
+    parts = split_model(model, pp_rank, pp_size, cfg.parallel.pp_schedule, cp_group)  # cp_group: None if cp = 1
     # ... apply TP / FSDP (reshard_after_forward=False, see below) / activation checkpointing ...
     del model                    # the parts keep only this rank's modules alive
     pipeline = BLTPipeline(parts, pp_group, cfg.parallel.pp_schedule, microbatch_count(cfg), device)
