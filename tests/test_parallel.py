@@ -102,7 +102,16 @@ LAYOUTS = {
     "pp=2 ZBVZeroBubble": (2, ["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_schedule=ZBVZeroBubble"]),
     "tp=2 x pp=2": (4, ["--parallel.tp=2", "--parallel.pp=2", "--parallel.dp_shard=1"]),
     "dp_shard=2 x tp=2 x pp=2": (8, ["--parallel.tp=2", "--parallel.pp=2", "--parallel.dp_shard=2"]),
-}
+    "pp=2 x cp=2": (4, ["--parallel.cp=2", "--parallel.pp=2", "--parallel.dp_shard=1"]),
+    "dp_shard=2 x cp=2 x tp=2 x pp=2": (
+        16, ["--parallel.cp=2", "--parallel.tp=2", "--parallel.pp=2", "--parallel.dp_shard=2"],
+    ),
+}  # fmt: skip
+
+
+def timeout_for(nproc: int) -> int:
+    # 16 processes share the few CPU cores of a CI machine: minutes of start-up and gloo traffic.
+    return 900 if nproc > 8 else 600
 
 
 @pytest.mark.slow
@@ -111,7 +120,7 @@ def test_layout_matches_single_process(layout, corpus, reference, tmp_path):
     nproc, parallel_args = LAYOUTS[layout]
     micro = 8 // data_parallel_size(layout, nproc) // 2
     args = [*MODEL, *TRAIN, f"--train.micro_batch_size={micro}", *parallel_args]
-    result = run([*args, f"--data.path={corpus}", f"--output_dir={tmp_path}"], nproc)
+    result = run([*args, f"--data.path={corpus}", f"--output_dir={tmp_path}"], nproc, timeout_for(nproc))
     assert result.returncode == 0, result.stderr[-4000:]
     assert_matches_reference(reference, tmp_path)
 
@@ -127,7 +136,7 @@ def run_gradients(out: Path, parallel_args: list[str], nproc: int, data_parallel
     args = [*MODEL, "--train.seq_len=64", "--train.global_batch_size=4", f"--train.micro_batch_size={micro}",
             *parallel_args]  # fmt: skip
     command = [sys.executable, *launcher, str(REPO / "tests" / "workers" / "gradients.py"), str(out), *args]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_for(nproc), env=env, cwd=REPO)
     assert result.returncode == 0, result.stderr[-4000:]
     return torch.load(out)
 

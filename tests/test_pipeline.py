@@ -190,6 +190,54 @@ def fsdp_pipeline_worker(rank: int, world_size: int, port: int, schedule_name: s
         dist.destroy_process_group()
 
 
+def cp_pipeline_worker(rank: int, world_size: int, port: int, schedule_name: str, expected) -> None:
+    """pp=2 outer, cp=2 inner: every stage runs its cp rank's share of each microbatch. Space
+    patches make the chunk widths, and so the stages' byte shapes, differ from step to step; chunks
+    shorter than the local window make the halo reach across several chunks."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        expected_losses, expected_first, expected_final_ce, expected_final_state = expected
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "cp"))
+        pp_group, cp_group = mesh["pp"].get_group(), mesh["cp"].get_group()
+        parts = split_model(build_tiny_model(), mesh["pp"].get_local_rank(), 2, schedule_name, cp_group)
+        pipeline = BLTPipeline(parts, pp_group, schedule_name, 2, torch.device("cpu"), patch_bucket=4)
+        parameters = {name: p for part in parts for name, p in part.named_parameters()}
+        optimizer = optimizer_for(parameters.values())
+        batches = make_batches()
+        for step, (tokens, lengths, targets) in enumerate(batches):
+            step_bytes = targets.numel()
+            ce_sum = torch.zeros((), dtype=torch.float64)
+            for half in torch.arange(tokens.shape[0]).chunk(ACCUMULATION):
+                half_ce = pipeline.step(tokens[half], lengths[half], targets[half], loss_divisor=step_bytes)
+                ce_sum += 0.0 if half_ce is None else half_ce.item()
+            # A cp rank's loss and gradients are those of its own bytes; the sequence's are their sum.
+            dist.all_reduce(ce_sum, group=cp_group)
+            for p in parameters.values():
+                dist.all_reduce(p.grad, group=cp_group)
+            if pipeline.holds_last_stage:
+                assert ce_sum.item() / step_bytes == pytest.approx(expected_losses[step], rel=1e-5), f"step {step + 1}"
+            if step == 0:
+                grads = {name: p.grad for name, p in parameters.items()}
+                assert_tensors_close(grads, expected_first["grads"], "gradient of")
+            norm = clip_grad_norm_(parameters.values(), MAX_NORM, pp_group)
+            if step == 0:
+                assert norm.item() == pytest.approx(expected_first["norm"], rel=1e-5)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        final_ce = pipeline.evaluate(*batches[0])
+        final_ce = torch.zeros((), dtype=torch.float64) if final_ce is None else final_ce.double()
+        dist.all_reduce(final_ce, group=cp_group)
+        if pipeline.holds_last_stage:
+            assert final_ce.item() == pytest.approx(expected_final_ce, rel=1e-5)
+        full = gather_full_state_dict(parts, pp_group)
+        if rank == 0:
+            assert set(full) == set(expected_final_state)
+            assert_tensors_close(full, expected_final_state, "after the last step, gathered", atol_of_scale=1e-4)
+    finally:
+        dist.destroy_process_group()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -214,6 +262,14 @@ def test_pp2_matches_single_process(schedule_name, single_process_reference):
 def test_fsdp2_by_pp2_v_schedule_matches_single_process(single_process_reference):
     """The V schedule, with its byte-state carry, on parts that FSDP2 sharded before the stages were built."""
     mp.spawn(fsdp_pipeline_worker, args=(4, free_port(), "ZBVZeroBubble", single_process_reference), nprocs=4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule_name", list(SCHEDULES))
+def test_pp2_by_cp2_matches_single_process(schedule_name, single_process_reference):
+    """Context parallelism inside every stage (ring attention, halo and decoder exchanges among the
+    cp ranks of a stage), with the same steps, clipping, AdamW and evaluation as above."""
+    mp.spawn(cp_pipeline_worker, args=(4, free_port(), schedule_name, single_process_reference), nprocs=4)
 
 
 def test_parts_of_all_ranks_hold_every_parameter_once_under_its_own_name():

@@ -129,7 +129,8 @@ class Stepper:
     Every rank of a context-parallel group gets the same micro-batch and patches it whole; the
     model then computes the logits of the rank's own bytes only (``bltdist.parallel.context``).
     Every rank of a pipeline group gets it too; the pipeline schedule splits it into microbatches
-    and only the last stage sees a loss (``bltdist.parallel.pipeline``).
+    and only the last stage sees a loss (``bltdist.parallel.pipeline``); with both, every stage
+    runs the cp rank's share of each microbatch.
 
     Loss scaling: a rank's backward loss is its summed byte cross-entropy divided by the bytes of
     the whole global batch, times the number of ranks FSDP averages gradients over (dp x cp).
@@ -247,7 +248,8 @@ def parallelize(model: torch.nn.Module, cfg: Config, dims: ParallelDims, mesh, b
     part tensor parallel, activation checkpointing and compile, then FSDP."""
     parts = [model]
     if dims.pp > 1:
-        parts = split_model(model, mesh["pp"].get_local_rank(), dims.pp, cfg.parallel.pp_schedule)
+        cp_group = mesh["cp"].get_group() if dims.cp > 1 else None
+        parts = split_model(model, mesh["pp"].get_local_rank(), dims.pp, cfg.parallel.pp_schedule, cp_group)
     for part in parts:
         if dims.tp > 1:
             apply_tensor_parallel(part, mesh["tp"])

@@ -10,7 +10,8 @@ attention: early chunks attend to little, late chunks to a lot). A rank's bytes 
 its patches, so the encoder pools and the global model sees exactly the single-process patches.
 Byte counts then differ per chunk and per row; every chunk is right-padded with inert bytes to
 the longest chunk of the batch (every rank knows all patch lengths, so all ranks agree on that
-size without communicating). Padding bytes form a document of their own, belong to no patch and
+size without communicating), or to a given larger width: a pipeline stage gets the width of its
+whole batch, so that its microbatches all have one shape (``bltdist.parallel.pipeline``). Padding bytes form a document of their own, belong to no patch and
 carry no loss. The global model, the expensive part, is balanced exactly; the local layers pay
 for the padding (the spread of chunk byte counts, small when patches are many per chunk).
 
@@ -344,9 +345,15 @@ class ContextParallelLayout(PatchLayout):
     chunk: int
 
     @classmethod
-    def build(cls, tokens: torch.Tensor, patch_lengths: torch.Tensor, window: int | None, group) -> PatchLayout:
+    def build(
+        cls, tokens: torch.Tensor, patch_lengths: torch.Tensor, window: int | None, group, width: int | None = None
+    ) -> PatchLayout:
         """This rank's layout of the full micro-batch tokens (B, T) and patch_lengths (B, P), which
-        every rank of ``group`` (the cp group) passes identically. ``window``: model.blt.local_window."""
+        every rank of ``group`` (the cp group) passes identically. ``window``: model.blt.local_window.
+
+        ``width``: bytes per own chunk, at least ``chunk_width(patch_lengths, cp)``; by default
+        exactly that. A pipeline passes the width of its whole batch to every microbatch, so that
+        all microbatches, and the activations its stages exchange, have one shape."""
         rank, size = dist.get_rank(group), dist.get_world_size(group)
         batch, seq_len = tokens.shape
         num_chunks = 2 * size
@@ -355,12 +362,11 @@ class ContextParallelLayout(PatchLayout):
         _check_right_padded(patch_lengths)
         whole = PatchLayout.build(tokens, patch_lengths, window, backend="sdpa")
         chunk = patch_lengths.shape[1] // num_chunks
-        chunk_ends = torch.cumsum(patch_lengths, dim=1)[:, chunk - 1 :: chunk].contiguous()  # (B, 2cp)
-        chunk_starts = F.pad(chunk_ends[:, :-1], (1, 0))
+        chunk_starts, chunk_ends = _chunk_bounds(patch_lengths, num_chunks)
         own_chunks = torch.tensor([rank, num_chunks - 1 - rank], device=tokens.device)
         own_slot = torch.arange(2, device=tokens.device)
 
-        byte_index, valid = _own_bytes(chunk_starts, chunk_ends, own_chunks)
+        byte_index, valid = _own_bytes(chunk_starts, chunk_ends, own_chunks, width)
         width = byte_index.shape[1] // 2
 
         def local(per_byte: torch.Tensor) -> torch.Tensor:
@@ -432,11 +438,50 @@ def _check_right_padded(patch_lengths: torch.Tensor) -> None:
         raise ValueError("patch_lengths may hold zero-length patches only as right padding")
 
 
-def _own_bytes(chunk_starts: torch.Tensor, chunk_ends: torch.Tensor, own_chunks: torch.Tensor):
-    """Global byte index (B, 2 * width) of the two own chunks, each right-padded to ``width``, the
-    longest chunk of the batch (so every rank agrees on it), and where it is real (not padding)."""
+def _chunk_bounds(patch_lengths: torch.Tensor, num_chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and one-past-last global byte (B, num_chunks each) of every chunk of
+    ``patch_lengths`` (B, P), P a multiple of ``num_chunks``."""
+    chunk = patch_lengths.shape[1] // num_chunks
+    chunk_ends = torch.cumsum(patch_lengths, dim=1)[:, chunk - 1 :: chunk].contiguous()
+    return F.pad(chunk_ends[:, :-1], (1, 0)), chunk_ends
+
+
+def chunk_width(patch_lengths: torch.Tensor, cp: int) -> int:
+    """Bytes per own chunk of ``ContextParallelLayout.build`` (its default ``width``): the longest
+    of the 2 x cp chunks of any row of ``patch_lengths`` (B, P), at least 1. A rank's local byte
+    count is twice this; every rank computes it alike from the patch lengths alone."""
+    num_chunks = 2 * cp
+    patch_lengths = patch_lengths.to(dtype=torch.long)
+    patch_lengths = F.pad(patch_lengths, (0, -patch_lengths.shape[1] % num_chunks))
+    chunk_starts, chunk_ends = _chunk_bounds(patch_lengths, num_chunks)
+    return max(int((chunk_ends - chunk_starts).max()), 1)
+
+
+def own_targets(targets: torch.Tensor, patch_lengths: torch.Tensor, group, width: int | None = None) -> torch.Tensor:
+    """``ContextParallelLayout.build(tokens, patch_lengths, window, group, width).local_targets(targets)``
+    without building the layout: this rank's next-byte targets (B, 2 * width), IGNORE_INDEX on
+    padding. Rows are independent, so a batch's local targets split by rows are those of its parts."""
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    num_chunks = 2 * size
+    patch_lengths = patch_lengths.to(device=targets.device, dtype=torch.long)
+    patch_lengths = F.pad(patch_lengths, (0, -patch_lengths.shape[1] % num_chunks))
+    chunk_starts, chunk_ends = _chunk_bounds(patch_lengths, num_chunks)
+    own_chunks = torch.tensor([rank, num_chunks - 1 - rank], device=targets.device)
+    byte_index, valid = _own_bytes(chunk_starts, chunk_ends, own_chunks, width)
+    return torch.where(valid, torch.gather(targets, 1, byte_index), IGNORE_INDEX)
+
+
+def _own_bytes(chunk_starts: torch.Tensor, chunk_ends: torch.Tensor, own_chunks: torch.Tensor, width: int | None):
+    """Global byte index (B, 2 * width) of the two own chunks, each right-padded to ``width``, by
+    default the longest chunk of the batch (so every rank agrees on it), and where it is real
+    (not padding)."""
     chunk_bytes = chunk_ends - chunk_starts
-    offsets = torch.arange(max(int(chunk_bytes.max()), 1), device=chunk_starts.device)
+    longest = max(int(chunk_bytes.max()), 1)
+    if width is None:
+        width = longest
+    elif width < longest:
+        raise ValueError(f"width {width} is shorter than the longest chunk of the batch ({longest} bytes)")
+    offsets = torch.arange(width, device=chunk_starts.device)
     valid = offsets < chunk_bytes[:, own_chunks, None]  # (B, 2, width)
     byte_index = torch.where(valid, chunk_starts[:, own_chunks, None] + offsets, 0)
     return byte_index.flatten(1), valid.flatten(1)

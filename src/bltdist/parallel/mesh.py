@@ -84,11 +84,6 @@ def check_layout(cfg: Config, world_size: int) -> None:
             check(cfg)
         except ConfigError as error:
             problems += error.problems
-    if parallel.pp > 1 and parallel.cp > 1:
-        problems.append(
-            "parallel.cp: context parallelism inside pipeline stages is not implemented yet; "
-            "use parallel.cp: 1 with parallel.pp > 1, or parallel.pp: 1 with parallel.cp > 1"
-        )
     if problems:
         raise ConfigError(problems)
 

@@ -24,6 +24,18 @@ zero-length patches up to a multiple of ``patch_bucket`` (padding patches form n
 real byte or patch sees them) and keeps one schedule per batch shape (rows, bytes, padded patches)
 and mode (training or evaluation), the few most recent.
 
+Context parallelism. With a cp group (``split_model(..., cp_group)``) every stage runs the cp
+rank's share of each microbatch: ``BLTStage`` builds a ``ContextParallelLayout`` instead of a
+``PatchLayout`` (its ring attention, halo and decoder exchanges run inside the stage, among the
+cp ranks of the same stage, which run the same schedule in step), the patch states are the rank's
+two patch chunks (P / cp rows, rotary positions from ``layout.patch_positions``), the byte states
+and the last stage's logits its own bytes: 2 x width, width the longest chunk of the *whole
+batch* (``chunk_width``), handed to every microbatch so that all have one shape. That width
+varies from batch to batch, so it is part of a schedule's shape key. The loss target is the
+rank's own targets (``own_targets``, -100 on padding bytes, ignored by the cross-entropy),
+computed once for the batch and split by torch like the logits. Summed over the cp ranks, the
+losses and gradients are those of the whole sequence, as on the non-pipeline cp path.
+
 Loss and gradients. The schedule calls the loss once per microbatch and adds the microbatch
 gradients; it is built with ``scale_grads=False`` and the loss is the microbatch's summed byte
 cross-entropy divided by ``loss_divisor``. The gradient of a step is therefore that of
@@ -35,7 +47,7 @@ byte count when they are summed.
 How the trainer uses it (all ranks of the pipeline group load the same batch)::
 
     check_pipeline_layout(cfg)                                   # before any process group
-    parts = split_model(model, pp_rank, pp_size, cfg.parallel.pp_schedule)
+    parts = split_model(model, pp_rank, pp_size, cfg.parallel.pp_schedule, cp_group)  # cp_group: None if cp = 1
     # ... apply TP / FSDP (reshard_after_forward=False, see below) / activation checkpointing ...
     del model                    # the parts keep only this rank's modules alive
     pipeline = BLTPipeline(parts, pp_group, cfg.parallel.pp_schedule, microbatch_count(cfg), device)
@@ -84,6 +96,7 @@ from bltdist.errors import ConfigError
 from bltdist.model.attention import resolve_backend
 from bltdist.model.blt import BLT, PatchLayout
 from bltdist.model.layers import rotary_table
+from bltdist.parallel.context import ContextParallelLayout, chunk_width, own_targets
 
 if TYPE_CHECKING:
     from bltdist.config import Config
@@ -239,18 +252,24 @@ class ByteStateCarry:
 
 class BLTStage(nn.Module):
     """The part of a BLT that one pipeline stage runs; shares the model's parameters and keeps
-    their names. forward(*activations, tokens, patch_lengths) -> the next stage's activations, or
-    logits on the last stage.
+    their names. forward(*activations, tokens, patch_lengths, cp_width) -> the next stage's
+    activations, or logits on the last stage.
 
     With a ``carry`` (V placement) the activations are the patch states alone and the byte states
     go through the carry; without one they travel as the second activation.
+
+    With a ``cp_group`` the stage runs this cp rank's share of every microbatch
+    (``ContextParallelLayout``, chunks padded to ``cp_width`` bytes): the byte states and logits
+    cover the rank's bytes, the patch states its two patch chunks.
     """
 
     def __init__(
-        self, model: BLT, stage_index: int, num_stages: int, layers: range, carry: ByteStateCarry | None, v_shaped: bool
-    ):
+        self, model: BLT, stage_index: int, num_stages: int, layers: range, carry: ByteStateCarry | None, v_shaped: bool,
+        cp_group: dist.ProcessGroup | None = None,
+    ):  # fmt: skip
         super().__init__()
         self.stage_index, self.num_stages = stage_index, num_stages
+        self.cp_group = cp_group
         self.is_first, self.is_last = stage_index == 0, stage_index == num_stages - 1
         self.cfg, self.attention_backend = model.cfg, model.attention_backend
         self.carry = carry
@@ -265,9 +284,14 @@ class BLTStage(nn.Module):
         self.global_model.norm = source.norm if self.is_last else None
         self.decoder = model.decoder if self.is_last else None
 
-    def forward(self, *activations: torch.Tensor, tokens: torch.Tensor, patch_lengths: torch.Tensor):
-        backend = resolve_backend(self.attention_backend, tokens.device)
-        layout = PatchLayout.build(tokens, patch_lengths, self.cfg.local_window, backend)
+    def forward(
+        self, *activations: torch.Tensor, tokens: torch.Tensor, patch_lengths: torch.Tensor, cp_width: int | None = None
+    ):
+        if self.cp_group is None:
+            backend = resolve_backend(self.attention_backend, tokens.device)
+            layout = PatchLayout.build(tokens, patch_lengths, self.cfg.local_window, backend)
+        else:
+            layout = ContextParallelLayout.build(tokens, patch_lengths, self.cfg.local_window, self.cp_group, cp_width)
         if self.is_first:
             byte_states, slots = self.encoder(tokens, layout)
             patch_states = slots.flatten(-2)
@@ -276,7 +300,8 @@ class BLTStage(nn.Module):
         else:
             patch_states, *carried = activations
             byte_states = carried[0] if carried else None
-        rope = rotary_table(torch.arange(layout.num_patches, device=tokens.device), self.head_dim, self.rope_theta)
+        # Under cp the rank's patches are two chunks from far apart in the sequence: their own positions.
+        rope = rotary_table(layout.patch_positions, self.head_dim, self.rope_theta)
         for layer in self.global_model.layers.values():
             patch_states = layer(patch_states, rope, layout.patch_mask)
         if not self.is_last:
@@ -290,9 +315,13 @@ class BLTStage(nn.Module):
         return self.decoder(byte_states, patch_states, layout)
 
 
-def split_model(model: BLT, pp_rank: int, pp_size: int, schedule_name: str) -> list[BLTStage]:
+def split_model(
+    model: BLT, pp_rank: int, pp_size: int, schedule_name: str, cp_group: dist.ProcessGroup | None = None
+) -> list[BLTStage]:
     """The stage modules rank ``pp_rank`` runs, in schedule order. Parameters of other ranks'
-    stages stay in ``model`` but belong to no part; optimise only the parts' parameters."""
+    stages stay in ``model`` but belong to no part; optimise only the parts' parameters.
+    ``cp_group``: the rank's context-parallel group when parallel.cp > 1 (every stage then runs
+    the rank's share of the sequence), else None."""
     per_rank = stages_per_rank(schedule_name)
     num_stages = pp_size * per_rank
     layers = layer_split(len(model.global_model.layers), num_stages)
@@ -300,7 +329,7 @@ def split_model(model: BLT, pp_rank: int, pp_size: int, schedule_name: str) -> l
     v_shaped = schedule_name in V_SHAPED
     # The V puts the first and the last stage on rank 0: there the byte states stay on the rank.
     carry = ByteStateCarry() if v_shaped and pp_rank == 0 else None
-    return [BLTStage(model, index, num_stages, layers[index], carry, v_shaped) for index in indices]
+    return [BLTStage(model, index, num_stages, layers[index], carry, v_shaped, cp_group) for index in indices]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,7 +365,8 @@ class BLTPipeline:
         self.patch_bucket, self.max_cached_schedules = patch_bucket, max_cached_schedules
         self.holds_last_stage = any(part.is_last for part in parts)
         self.carry = next((part.carry for part in parts if part.carry is not None), None)
-        self._schedules: OrderedDict[tuple[int, int, int, bool], object] = OrderedDict()
+        self.cp_group = parts[0].cp_group
+        self._schedules: OrderedDict[tuple[int, int, int, int, bool], object] = OrderedDict()
         self._loss_divisor = 1.0
 
     def step(
@@ -368,12 +398,21 @@ class BLTPipeline:
         if tokens.shape[0] % self.n_microbatches:
             raise ValueError(f"batch of {tokens.shape[0]} rows does not split into {self.n_microbatches} microbatches")
         patch_lengths = pad_patch_axis(patch_lengths, self.patch_bucket)
-        schedule = self._schedule_for((*tokens.shape, patch_lengths.shape[1], training))
+        losses: list[torch.Tensor] = []
+        batch = dict(target=targets, losses=losses, tokens=tokens, patch_lengths=patch_lengths)
+        local_bytes = tokens.shape[1]
+        if self.cp_group is not None:
+            # Every microbatch pads its chunks to the longest chunk of the whole batch (an int
+            # kwarg, which torch hands unsplit to every microbatch): one byte-state shape per step.
+            # The last stage's logits cover the rank's bytes; so do the targets, -100 (ignored by
+            # the cross-entropy) on padding. Split by rows, they match every microbatch's logits.
+            width = chunk_width(patch_lengths, dist.get_world_size(self.cp_group))
+            batch.update(target=own_targets(targets, patch_lengths, self.cp_group, width), cp_width=width)
+            local_bytes = 2 * width
+        schedule = self._schedule_for((*tokens.shape, patch_lengths.shape[1], local_bytes, training))
         self._loss_divisor = float(loss_divisor)
         if self.carry is not None:
             self.carry.clear()
-        losses: list[torch.Tensor] = []
-        batch = dict(target=targets, losses=losses, tokens=tokens, patch_lengths=patch_lengths)
         if training:
             # The logits stay unmerged: the loss of each microbatch is all the trainer needs.
             schedule.step(return_outputs=False, **batch)
@@ -387,11 +426,13 @@ class BLTPipeline:
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         # Pure: torch may also call it on placeholder activations while inferring shapes.
+        # Targets of cp padding bytes are -100, cross_entropy's default ignore_index.
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum") / self._loss_divisor
 
-    def _schedule_for(self, key: tuple[int, int, int, bool]):
-        """The schedule for batches of shape (rows, bytes, padded patches), training or not: torch
-        sizes a stage's buffers, and its backward ones, on its first step."""
+    def _schedule_for(self, key: tuple[int, int, int, int, bool]):
+        """The schedule for batches of shape (rows, bytes, padded patches, bytes of this rank),
+        training or not: torch sizes a stage's buffers, and its backward ones, on its first step.
+        The rank's byte count differs from the batch's under cp, where it varies with the patches."""
         if key in self._schedules:
             self._schedules.move_to_end(key)
             return self._schedules[key]
