@@ -86,9 +86,10 @@ def main() -> None:
         rank_bytes(args[1], args[2:])
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(REPO / "configs" / "tiny.yaml"))
+    parser.add_argument("--config", default=str(REPO / "configs" / "tiny_static.yaml"))
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4])
     args, overrides = parser.parse_known_args()
+    args.config = str(Path(args.config).resolve())
     import torch
 
     rows = []
