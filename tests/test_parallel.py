@@ -158,12 +158,32 @@ def test_layout_gradients_match_single_process(layout, reference_gradients, tmp_
         torch.testing.assert_close(grads[name], expected, rtol=1e-5, atol=1e-5 * scale, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.slow
-def test_gradient_accumulation_matches_one_big_micro_batch(corpus, reference, tmp_path):
-    """8 sequences as 4 micro-steps of 2 on one process equal the reference's 2 micro-steps of 4."""
-    result = run([*MODEL, *TRAIN, "--train.micro_batch_size=2", f"--data.path={corpus}", f"--output_dir={tmp_path}"], 1)
+@pytest.fixture(scope="module")
+def one_big_micro_batch(corpus, tmp_path_factory) -> Path:
+    """One process, the whole global batch of 8 sequences in one micro-step."""
+    out = tmp_path_factory.mktemp("big")
+    result = run([*MODEL, *TRAIN, "--train.micro_batch_size=8", f"--data.path={corpus}", f"--output_dir={out}"], 1)
     assert result.returncode == 0, result.stderr
-    assert_matches_reference(reference, tmp_path)
+    return out
+
+
+ACCUMULATION = {
+    "1 process": (1, ["--train.micro_batch_size=2"]),
+    "dp_shard=2 x tp=2 x pp=2": (8, ["--train.micro_batch_size=1", "--parallel.dp_shard=2", "--parallel.tp=2",
+                                     "--parallel.pp=2", "--parallel.pp_schedule=GPipe"]),
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(ACCUMULATION))
+def test_four_micro_steps_equal_one_step_with_the_4x_batch(layout, corpus, one_big_micro_batch, tmp_path):
+    """4 accumulated micro-steps per rank (2 sequences each in one process; 1 sequence on each of 2
+    data-parallel ranks in the 8-process layout) against one micro-step of all 8 sequences."""
+    nproc, args = ACCUMULATION[layout]
+    result = run([*MODEL, *TRAIN, *args, f"--data.path={corpus}", f"--output_dir={tmp_path}"], nproc)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "4 accumulation step(s)" in result.stdout
+    assert_matches_reference(one_big_micro_batch, tmp_path)
 
 
 @pytest.mark.slow
