@@ -400,6 +400,8 @@ def train(cfg: Config, train_docs: list[bytes], val_docs: list[bytes]) -> None:
         logger.info(f"summary written: {write_summary(summary, output_dir)}")
     logger.close()
     if dist.is_initialized():
+        # No rank tears the group down while another still talks to it (rank 0 consolidates last).
+        dist.barrier()
         dist.destroy_process_group()
 
 
