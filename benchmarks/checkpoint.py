@@ -184,6 +184,8 @@ def main() -> None:
             print(f"{size}: {json.dumps(figures)}")
         print(f"results: {out}")
     if dist.is_initialized():
+        # gloo aborts a process whose peers tear down while its transport threads still run.
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -64,6 +64,8 @@ def rank_bytes(config: str, overrides: list[str]) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"param_bytes": int(figures[0]), "optimizer_bytes": int(figures[1])}))
     if dist.is_initialized():
+        # gloo aborts a process whose peers tear down while its transport threads still run.
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -59,6 +59,8 @@ def main() -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(grads, out)
     if dist.is_initialized():
+        # gloo aborts a process whose peers tear down while its transport threads still run.
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -64,6 +64,8 @@ def main() -> None:
         with open(out, "w") as f:
             json.dump({"peak_bytes_per_rank": peaks, "peak_phase_per_rank": phases}, f)
     if world_size > 1:
+        # gloo aborts a process whose peers tear down while its transport threads still run.
+        dist.barrier()
         dist.destroy_process_group()
 
 
