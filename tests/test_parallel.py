@@ -17,6 +17,7 @@ from bltdist.checkpointer import consolidate
 from bltdist.config import load_config
 from bltdist.errors import ConfigError
 from bltdist.parallel import check_layout
+from test_train import run_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,13 +38,8 @@ TRAIN = [
 
 
 def run(args: list[str], nproc: int, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    if nproc == 1:
-        command = [sys.executable, "-m", "bltdist.train", *args]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   "-m", "bltdist.train", *args]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    """The trainer under ``nproc`` processes (test_train's launcher), with room for many processes."""
+    return run_trainer(args, nproc, timeout)
 
 
 def train_lines(output_dir: Path) -> list[dict]:
