@@ -6,7 +6,17 @@ setup(
     description="PyTorch-native 4D-parallel pretraining of Byte Latent Transformers",
     python_requires=">=3.10",
     package_dir={"bltdist": "src/bltdist", "bltdist.kernels": "kernels"},
-    packages=["bltdist", "bltdist.model", "bltdist.data", "bltdist.parallel", "bltdist.kernels"],
+    packages=[
+        "bltdist",
+        "bltdist.model",
+        "bltdist.patching",
+        "bltdist.data",
+        "bltdist.parallel",
+        "bltdist.parallel.context",
+        "bltdist.parallel.pipeline",
+        "bltdist.training",
+        "bltdist.kernels",
+    ],
     install_requires=[
         "torch>=2.11",
         "pyyaml",
@@ -22,7 +32,7 @@ setup(
         "console_scripts": [
             "bltdist-train=bltdist.train:main",
             "bltdist-convert=bltdist.convert:main",
-            "bltdist-patch=bltdist.patch:main",
+            "bltdist-patch=bltdist.patching.cli:main",
         ]
     },
 )

@@ -1,7 +1,7 @@
 """Checkpoint save and load time and bytes written per rank, sync and async, for two model sizes.
 
 Runs the trainer's own pieces (model, FSDP/TP, AdamW with its state, scheduler, data loader,
-``bltdist.checkpointer.Checkpointer``) without training: AdamW's state is created by one step at
+``bltdist.training.checkpoint.Checkpointer``) without training: AdamW's state is created by one step at
 learning rate 0. Per size it times, on every rank (the figure is the slowest rank):
 
 - sync save: ``save()`` until the checkpoint is committed (``latest`` replaced);
@@ -20,11 +20,9 @@ Writes benchmarks/results/checkpoint-cpu-<date>.json (rank 0) with ``device``, `
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -36,11 +34,12 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
-from bltdist.checkpointer import Checkpointer, _flatten, _materialise_optimizer_state, _tensor_state
-from bltdist.config import grad_accum_steps, load_config
+from results import write_results
+
+from bltdist.config import config_to_dict, load_config
 from bltdist.data import PackedByteLoader
-from bltdist.parallel import ParallelDims, build_mesh
-from bltdist.train import build_model, build_optimizer, lr_factor, parallelize
+from bltdist.training.checkpoint import Checkpointer, _flatten, _materialise_optimizer_state, _tensor_state
+from bltdist.training.state import build_training_state
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {
@@ -71,29 +70,28 @@ def timed(function) -> tuple[float, object]:
     return slowest(time.perf_counter() - start), result
 
 
-def measure(size: str, world_size: int, mesh, scratch: Path) -> dict:
+def measure(size: str, world_size: int, scratch: Path) -> dict:
     out = scratch / size
     overrides = [*SIZES[size], f"--output_dir={out}", "--checkpoint.keep_last=0", "--train.global_batch_size=8"]
-    cfg = load_config(str(REPO / "configs" / "tiny.yaml"), overrides)
-    dims = ParallelDims.from_config(cfg, world_size)
-    dp_rank = mesh.dp.get_local_rank() if mesh is not None else 0
-    grad_accum_steps(cfg, world_size)
-    layout = dict(zip(("pp", "dp_replicate", "dp_shard", "cp", "tp"), dims.sizes()))
+    cfg = load_config(str(REPO / "configs" / "tiny_static.yaml"), overrides)
 
     def training_state():
-        model_parts = parallelize(build_model(cfg, torch.device("cpu")), cfg, dims, mesh, bf16=False)
-        optimizer = build_optimizer(model_parts, cfg, torch.device("cpu"))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+        state = build_training_state(cfg)
         loader = PackedByteLoader([b"benchmark bytes " * 64], cfg.train.seq_len, cfg.train.micro_batch_size,
-                                  dp_rank, dims.dp, cfg.train.seed)  # fmt: skip
-        _materialise_optimizer_state(optimizer)
-        return model_parts, optimizer, scheduler, loader
+                                  state.dp_rank, state.dims.dp, cfg.train.seed)  # fmt: skip
+        _materialise_optimizer_state(state.optimizer)
+        return state, (state.model_parts, state.optimizer, state.scheduler, loader)
 
-    model_parts, optimizer, scheduler, loader = training_state()
+    def new_checkpointer() -> Checkpointer:
+        return Checkpointer(cfg.checkpoint, out, config_to_dict(cfg), cfg.train.steps, state.dims.sizes(),
+                            state.dp_rank, torch.device("cpu"))  # fmt: skip
+
+    state, (model_parts, optimizer, scheduler, loader) = training_state()
+    layout = state.dims.sizes()
     params = sum(p.numel() for part in model_parts for p in part.parameters())
     figures: dict[str, float | int | list] = {}
 
-    checkpointer = Checkpointer(cfg, layout, dp_rank, torch.device("cpu"))
+    checkpointer = new_checkpointer()
     checkpointer.restore(model_parts, optimizer, scheduler, loader)
     figures["sync_save_s"], _ = timed(lambda: checkpointer.save(1))
     checkpointer.close()
@@ -104,7 +102,7 @@ def measure(size: str, world_size: int, mesh, scratch: Path) -> dict:
     figures["bytes_written_total"] = sum(shard_bytes)
 
     cfg.checkpoint.async_save = True
-    checkpointer = Checkpointer(cfg, layout, dp_rank, torch.device("cpu"))
+    checkpointer = new_checkpointer()
     checkpointer.restore(model_parts, optimizer, scheduler, loader)
     figures["async_save_blocking_s"], _ = timed(lambda: checkpointer.save(2))
     start = time.perf_counter()
@@ -114,23 +112,23 @@ def measure(size: str, world_size: int, mesh, scratch: Path) -> dict:
 
     cfg.checkpoint.async_save = False
     cfg.checkpoint.resume = "auto"
-    fresh = training_state()
-    figures["load_verify_s"], checkpointer = timed(lambda: Checkpointer(cfg, layout, dp_rank, torch.device("cpu")))
+    _, fresh = training_state()
+    figures["load_verify_s"], checkpointer = timed(new_checkpointer)
     figures["load_restore_s"], _ = timed(lambda: checkpointer.restore(*fresh))
     figures["load_total_s"] = figures["load_verify_s"] + figures["load_restore_s"]
     checkpointer.close()
 
     torch_save_dir = out / "dcp_filesystem_writer"
-    state = _tensor_state(model_parts, optimizer)
+    tensors = _tensor_state(model_parts, optimizer)
     figures["dcp_filesystem_writer_save_s"], _ = timed(
-        lambda: dcp.save(state, storage_writer=dcp.FileSystemWriter(str(torch_save_dir)), no_dist=world_size == 1)
+        lambda: dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(torch_save_dir)), no_dist=world_size == 1)
     )
     if dist.is_initialized():
         dist.barrier()
     local_file = out / f"local-{dist.get_rank() if dist.is_initialized() else 0}.safetensors"
 
     def save_local_tensors():
-        local = {name: (t.to_local() if isinstance(t, DTensor) else t).contiguous() for name, t in _flatten(state)}
+        local = {name: (t.to_local() if isinstance(t, DTensor) else t).contiguous() for name, t in _flatten(tensors)}
         save_file(local, local_file)
         with open(local_file, "rb") as handle:
             os.fsync(handle.fileno())
@@ -155,31 +153,12 @@ def main() -> None:
     if rank == 0:
         shutil.rmtree(scratch, ignore_errors=True)
     # Every size runs under the default layout: dp_shard over all processes.
-    dims = ParallelDims.from_config(load_config(str(REPO / "configs" / "tiny.yaml"), []), world_size)
-    mesh = build_mesh(dims, "cpu") if world_size > 1 else None
-    results = {size: measure(size, world_size, mesh, scratch) for size in args.sizes}
+    results = {size: measure(size, world_size, scratch) for size in args.sizes}
     if rank == 0:
         shutil.rmtree(scratch, ignore_errors=True)
-        try:
-            import triton
-
-            triton_version = triton.__version__
-        except ImportError:
-            triton_version = None
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO)
-        result = {
-            "benchmark": "checkpoint",
-            "device": "cpu",
-            "torch": torch.__version__,
-            "triton": triton_version,
-            "commit": commit.stdout.strip() or None,
-            "config": {"base": "configs/tiny_static.yaml", "processes": world_size, "threads": torch.get_num_threads(),
-                       "storage": "local disk, fsync on"},  # fmt: skip
-            **results,
-        }
-        date = datetime.date.today().isoformat()
-        out = Path(args.out or REPO / "benchmarks" / "results" / f"checkpoint-cpu-{date}.json")
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        config = {"base": "configs/tiny_static.yaml", "processes": world_size, "threads": torch.get_num_threads(),
+                  "storage": "local disk, fsync on"}  # fmt: skip
+        out = write_results("checkpoint", "cpu", config, results, out=args.out)
         for size, figures in results.items():
             print(f"{size}: {json.dumps(figures)}")
         print(f"results: {out}")

@@ -13,16 +13,14 @@ iterations. Writes benchmarks/results/cpu_step-<device>-<date>.json and prints
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import subprocess
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from results import write_results
 
 from bltdist.config import BLTConfig
 from bltdist.model import BLT
@@ -112,33 +110,18 @@ def main() -> None:
     step_bytes = BATCH * SEQ_LEN
     import transformers
 
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    config = {**asdict(BLTConfig(**SHAPE)), "batch": BATCH, "seq_len": SEQ_LEN, "patch_size": PATCH_SIZE,
+              "iters": args.iters, "warmup": args.warmup}  # fmt: skip
     result = {
-        "benchmark": "cpu_step",
-        "device": "cpu",
         "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "triton": triton_version,
         "transformers": transformers.__version__,
-        "commit": commit.stdout.strip() or None,
-        "config": {**asdict(BLTConfig(**SHAPE)), "batch": BATCH, "seq_len": SEQ_LEN, "patch_size": PATCH_SIZE,
-                   "iters": args.iters, "warmup": args.warmup},
         "seconds_per_step": our_seconds,
         "hf_seconds_per_step": hf_seconds,
         "bytes_per_sec": step_bytes / our_seconds,
         "hf_bytes_per_sec": step_bytes / hf_seconds,
         "ratio_vs_hf": hf_seconds / our_seconds,
     }
-    date = datetime.date.today().isoformat()
-    out = Path(args.out or Path(__file__).parent / "results" / f"cpu_step-cpu-{date}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_results("cpu_step", "cpu", config, result, out=args.out)
     print(f"bltdist: {result['bytes_per_sec']:.0f} bytes/s ({our_seconds:.3f} s/step)", file=sys.stderr)
     print(f"transformers: {result['hf_bytes_per_sec']:.0f} bytes/s ({hf_seconds:.3f} s/step)", file=sys.stderr)
     print(f"results: {out}", file=sys.stderr)

@@ -14,13 +14,14 @@ Writes benchmarks/results/fsdp_memory-cpu-<date>.json and prints one line per si
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from results import write_results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,19 +33,10 @@ def rank_bytes(config: str, overrides: list[str]) -> None:
     from torch.distributed.tensor import DTensor
 
     from bltdist.config import load_config
-    from bltdist.parallel import ParallelDims, build_mesh
-    from bltdist.train import build_model, build_optimizer, parallelize
+    from bltdist.training.state import build_training_state
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    cfg = load_config(config, overrides)
-    dims = ParallelDims.from_config(cfg, world_size)
-    mesh = None
-    if world_size > 1:
-        dist.init_process_group("gloo")
-        mesh = build_mesh(dims, "cpu")
-    model = build_model(cfg, torch.device("cpu"))
-    model_parts = parallelize(model, cfg, dims, mesh, bf16=False)
-    optimizer = build_optimizer(model_parts, cfg, torch.device("cpu"))
+    state = build_training_state(load_config(config, overrides))
+    model_parts, optimizer = state.model_parts, state.optimizer
     parameters = [p for part in model_parts for p in part.parameters()]
     for param in parameters:
         param.grad = torch.zeros_like(param)
@@ -56,17 +48,14 @@ def rank_bytes(config: str, overrides: list[str]) -> None:
 
     params = sum(local_bytes(p) for p in parameters)
     states = sum(
-        local_bytes(value) for state in optimizer.state.values() for value in state.values() if value.dim() > 0
+        local_bytes(value) for slots in optimizer.state.values() for value in slots.values() if value.dim() > 0
     )
     figures = torch.tensor([params, states], dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(figures, op=dist.ReduceOp.MAX)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if state.rank == 0:
         print(json.dumps({"param_bytes": int(figures[0]), "optimizer_bytes": int(figures[1])}))
-    if dist.is_initialized():
-        # gloo aborts a process whose peers tear down while its transport threads still run.
-        dist.barrier()
-        dist.destroy_process_group()
+    state.close()
 
 
 def measure(config: str, size: int, overrides: list[str]) -> dict:
@@ -92,8 +81,6 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4])
     args, overrides = parser.parse_known_args()
     args.config = str(Path(args.config).resolve())
-    import torch
-
     rows = []
     for size in args.sizes:
         figures = measure(args.config, size, [*overrides, f"--train.global_batch_size={4 * size}", "--train.micro_batch_size=1"])
@@ -104,26 +91,9 @@ def main() -> None:
         print(f"dp_shard={row['dp_shard']}: {row['total_bytes'] / 2**20:.2f} MiB per rank "
               f"(params {row['param_bytes'] / 2**20:.2f}, optimizer {row['optimizer_bytes'] / 2**20:.2f}), "
               f"ratio_to_ideal={row['ratio_to_ideal']:.3f}")  # fmt: skip
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-    result = {
-        "benchmark": "fsdp_memory",
-        "device": "cpu",
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "commit": commit or None,
-        "config": {"path": os.path.relpath(args.config, REPO), "overrides": overrides},
-        "rows": rows,
-        "max_ratio_to_ideal": max(row["ratio_to_ideal"] for row in rows),
-    }
-    out = REPO / "benchmarks" / "results" / f"fsdp_memory-cpu-{datetime.date.today().isoformat()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    config = {"path": os.path.relpath(args.config, REPO), "overrides": overrides}
+    figures = {"rows": rows, "max_ratio_to_ideal": max(row["ratio_to_ideal"] for row in rows)}
+    out = write_results("fsdp_memory", "cpu", config, figures)
     print(f"results: {out}")
 
 

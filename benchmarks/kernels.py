@@ -23,11 +23,11 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
-from pathlib import Path
 
 import torch
+
+from results import RESULTS_DIR, write_results
 
 FULL_SHAPE = dict(dim=1024, heads=16, slots=2, ngram_sizes=[3, 4, 5, 6, 7, 8], hash_functions=1,
                   hash_vocab=500002, max_patch=8)  # fmt: skip
@@ -44,7 +44,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--interpret-check", action="store_true",
                         help="check correctness on small shapes under TRITON_INTERPRET=1 (CPU); no timings")
-    parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--out-dir", default=str(RESULTS_DIR))
     return parser.parse_args()
 
 
@@ -241,26 +241,17 @@ def main() -> None:
               "(--interpret-check checks correctness on CPU)", file=sys.stderr)  # fmt: skip
         sys.exit(2)
 
-    import triton
-
     cases = [run_case(seq_len, FULL_SHAPE, args, "cuda", timed=True) for seq_len in args.seq_lens]
     problems = failures(cases)
     if problems:
         print("correctness check failed, nothing written:\n" + "\n".join(problems), file=sys.stderr)
         sys.exit(1)
     device_name = torch.cuda.get_device_name()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or None  # fmt: skip
     date = datetime.date.today().isoformat()
-    result = {
-        "benchmark": "kernels",
-        "device": device_name,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "commit": commit,
+    config = {**FULL_SHAPE, "seq_lens": args.seq_lens, "batch": 1, "cross_attention_dtype": "bfloat16",
+              "hash_table_dtype": "float32", "iters": args.iters, "warmup": args.warmup}  # fmt: skip
+    figures = {
         "date": date,
-        "config": {**FULL_SHAPE, "seq_lens": args.seq_lens, "batch": 1, "cross_attention_dtype": "bfloat16",
-                   "hash_table_dtype": "float32", "iters": args.iters, "warmup": args.warmup},
         "hash_embedding_speedup": min(c["hash_embedding"]["speedup"] for c in cases),
         "cross_attention_speedup_vs_flex": min(
             c[op]["speedup_vs_flex"] for c in cases for op in ("patch_pool_attention", "byte_to_slot_attention")
@@ -268,13 +259,10 @@ def main() -> None:
         "cases": cases,
     }
     slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"kernels-{slug}-{date}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
-    print(f"results: {stem}.json, {stem}.md", file=sys.stderr)
+    out = write_results("kernels", device_name, config, figures, results_dir=args.out_dir, file_device=slug,
+                        date=date, extra_files={".md": markdown})  # fmt: skip
+    print(out.with_suffix(".md").read_text())
+    print(f"results: {out}, {out.with_suffix('.md')}", file=sys.stderr)
 
 
 if __name__ == "__main__":

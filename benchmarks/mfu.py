@@ -19,7 +19,6 @@ and CPU figures are never GPU performance.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -28,6 +27,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from results import RESULTS_DIR, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,7 +89,9 @@ def markdown_table(points: list[dict], device: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(points: list[dict], device: str, path: Path) -> None:
+def plot_png(points: list[dict], device: str) -> bytes:
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,7 +118,10 @@ def plot(points: list[dict], device: str, path: Path) -> None:
         if axis.lines:
             axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    plt.close(figure)
+    return buffer.getvalue()
 
 
 def main() -> None:
@@ -126,7 +132,7 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=None, help="ranks; default: every GPU (required on CPU)")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak; default: the built-in table")
-    parser.add_argument("--results-dir", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--overrides", nargs=argparse.REMAINDER, default=[], help="further trainer overrides")
     args = parser.parse_args()
     for layout in args.layouts:
@@ -140,28 +146,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bltdist-mfu-") as work:
         points = [run_point(config, seq_len, layout, args, Path(work))
                   for config in args.configs for seq_len in args.seq_lens for layout in args.layouts]  # fmt: skip
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    stem = f"mfu-{device}-{datetime.date.today().isoformat()}"
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    result = {
-        "benchmark": "mfu", "device": device, "ranks": args.nproc, "torch": torch.__version__,
-        "triton": triton_version, "commit": commit,
-        "config": {"configs": args.configs, "seq_lens": args.seq_lens, "layouts": args.layouts, "steps": args.steps,
-                   "peak_tflops": args.peak_tflops, "overrides": args.overrides},
+    config = {"configs": args.configs, "seq_lens": args.seq_lens, "layouts": args.layouts, "steps": args.steps,
+              "peak_tflops": args.peak_tflops, "overrides": args.overrides}  # fmt: skip
+    figures = {
+        "ranks": args.nproc,
         "flop_convention": "bltdist.flops: 3 x forward, attention scores without causal halving",
         "points": points,
-    }  # fmt: skip
-    (args.results_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.results_dir / f"{stem}.md").write_text(markdown_table(points, device))
-    plot(points, device, args.results_dir / f"{stem}.png")
+    }
+    out = write_results("mfu", device, config, figures, results_dir=args.results_dir,
+                        extra_files={".md": markdown_table(points, device), ".png": plot_png(points, device)})  # fmt: skip
     print(markdown_table(points, device))
-    print(f"written: {args.results_dir / stem}.json, .md, .png")
+    print(f"written: {out}, .md, .png")
 
 
 if __name__ == "__main__":

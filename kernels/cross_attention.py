@@ -31,57 +31,14 @@ BLOCK_BYTES = 16
 
 
 @triton.jit
-def _pool_forward_kernel(
-    q_ptr, k_ptr, v_ptr, byte_order_ptr, segment_ends_ptr, out_ptr, lse_ptr,
-    seq_len, num_patches, slots, heads, kv_heads, head_dim, scale,
-    S_PAD: tl.constexpr, BLOCK_T: tl.constexpr, D_PAD: tl.constexpr,
+def _patch_program_queries(
+    q_ptr, segment_ends_ptr, num_patches, slots, heads, kv_heads, head_dim,
+    S_PAD: tl.constexpr, D_PAD: tl.constexpr,
 ):
+    """Where the (row, patch, head) program of the encoder direction reads and writes: its patch's
+    run [start, end) of sorted bytes, its S slot queries (loaded) and the offsets of their
+    outputs and softmax statistics."""
     patch_flat = tl.program_id(0)  # row * num_patches + patch
-    head = tl.program_id(1)
-    row = patch_flat // num_patches
-    kv_head = head // (heads // kv_heads)
-    end = tl.load(segment_ends_ptr + patch_flat)
-    start = tl.load(segment_ends_ptr + patch_flat - 1, mask=patch_flat % num_patches > 0, other=0)
-    slot_idx = tl.arange(0, S_PAD)
-    dims = tl.arange(0, D_PAD)
-    slot_mask = slot_idx < slots
-    dim_mask = dims < head_dim
-    q_offsets = ((patch_flat.to(tl.int64) * slots + slot_idx[:, None]) * heads + head) * head_dim + dims[None, :]
-    q = tl.load(q_ptr + q_offsets, mask=slot_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
-    running_max = tl.full((S_PAD,), float("-inf"), tl.float32)
-    running_sum = tl.zeros((S_PAD,), tl.float32)
-    acc = tl.zeros((S_PAD, D_PAD), tl.float32)
-    for first in range(start, end, BLOCK_T):
-        sorted_idx = first + tl.arange(0, BLOCK_T)
-        in_patch = sorted_idx < end
-        byte = tl.load(byte_order_ptr + row * seq_len + sorted_idx, mask=in_patch, other=0)
-        kv_offsets = ((row * seq_len + byte[:, None]) * kv_heads + kv_head) * head_dim + dims[None, :]
-        kv_mask = in_patch[:, None] & dim_mask[None, :]
-        k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0).to(tl.float32)
-        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # (S_PAD, BLOCK_T)
-        scores = tl.where(in_patch[None, :], scores, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-        rescale = tl.exp(running_max - new_max)
-        weights = tl.exp(scores - new_max[:, None])
-        running_sum = running_sum * rescale + tl.sum(weights, axis=1)
-        acc = acc * rescale[:, None] + tl.sum(weights[:, :, None] * v[None, :, :], axis=1)
-        running_max = new_max
-    has_bytes = running_sum > 0
-    out = acc / tl.where(has_bytes, running_sum, 1.0)[:, None]
-    tl.store(out_ptr + q_offsets, out.to(out_ptr.dtype.element_ty), mask=slot_mask[:, None] & dim_mask[None, :])
-    lse = tl.where(has_bytes, running_max + tl.log(tl.where(has_bytes, running_sum, 1.0)), 0.0)
-    tl.store(lse_ptr + (patch_flat.to(tl.int64) * slots + slot_idx) * heads + head, lse, mask=slot_mask)
-
-
-@triton.jit
-def _pool_backward_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, grad_out_ptr, lse_ptr, byte_order_ptr, segment_ends_ptr,
-    grad_q_ptr, grad_k_ptr, grad_v_ptr,
-    seq_len, num_patches, slots, heads, kv_heads, head_dim, scale,
-    S_PAD: tl.constexpr, BLOCK_T: tl.constexpr, D_PAD: tl.constexpr,
-):
-    patch_flat = tl.program_id(0)
     head = tl.program_id(1)
     row = patch_flat // num_patches
     kv_head = head // (heads // kv_heads)
@@ -94,20 +51,79 @@ def _pool_backward_kernel(
     q_mask = slot_mask[:, None] & dim_mask[None, :]
     q_offsets = ((patch_flat.to(tl.int64) * slots + slot_idx[:, None]) * heads + head) * head_dim + dims[None, :]
     q = tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0).to(tl.float32)
+    lse_offsets = (patch_flat.to(tl.int64) * slots + slot_idx) * heads + head
+    return row, head, kv_head, start, end, dims, dim_mask, slot_mask, q, q_mask, q_offsets, lse_offsets
+
+
+@triton.jit
+def _load_patch_bytes(
+    k_ptr, v_ptr, byte_order_ptr, first, end, row, seq_len, kv_heads, kv_head, head_dim, dims, dim_mask,
+    BLOCK_T: tl.constexpr,
+):
+    """Keys and values of the block of a patch's bytes that starts at sorted index ``first``."""
+    sorted_idx = first + tl.arange(0, BLOCK_T)
+    in_patch = sorted_idx < end
+    byte = tl.load(byte_order_ptr + row * seq_len + sorted_idx, mask=in_patch, other=0)
+    kv_offsets = ((row * seq_len + byte[:, None]) * kv_heads + kv_head) * head_dim + dims[None, :]
+    kv_mask = in_patch[:, None] & dim_mask[None, :]
+    k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0).to(tl.float32)
+    return byte, in_patch, kv_mask, k, v
+
+
+@triton.jit
+def _pool_forward_kernel(
+    q_ptr, k_ptr, v_ptr, byte_order_ptr, segment_ends_ptr, out_ptr, lse_ptr,
+    seq_len, num_patches, slots, heads, kv_heads, head_dim, scale,
+    S_PAD: tl.constexpr, BLOCK_T: tl.constexpr, D_PAD: tl.constexpr,
+):
+    row, head, kv_head, start, end, dims, dim_mask, slot_mask, q, q_mask, q_offsets, lse_offsets = (
+        _patch_program_queries(q_ptr, segment_ends_ptr, num_patches, slots, heads, kv_heads, head_dim, S_PAD, D_PAD)
+    )
+    running_max = tl.full((S_PAD,), float("-inf"), tl.float32)
+    running_sum = tl.zeros((S_PAD,), tl.float32)
+    acc = tl.zeros((S_PAD, D_PAD), tl.float32)
+    for first in range(start, end, BLOCK_T):
+        _, in_patch, _, k, v = _load_patch_bytes(
+            k_ptr, v_ptr, byte_order_ptr, first, end, row, seq_len, kv_heads, kv_head, head_dim, dims, dim_mask,
+            BLOCK_T,
+        )
+        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # (S_PAD, BLOCK_T)
+        scores = tl.where(in_patch[None, :], scores, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+        rescale = tl.exp(running_max - new_max)
+        weights = tl.exp(scores - new_max[:, None])
+        running_sum = running_sum * rescale + tl.sum(weights, axis=1)
+        acc = acc * rescale[:, None] + tl.sum(weights[:, :, None] * v[None, :, :], axis=1)
+        running_max = new_max
+    has_bytes = running_sum > 0
+    out = acc / tl.where(has_bytes, running_sum, 1.0)[:, None]
+    tl.store(out_ptr + q_offsets, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+    lse = tl.where(has_bytes, running_max + tl.log(tl.where(has_bytes, running_sum, 1.0)), 0.0)
+    tl.store(lse_ptr + lse_offsets, lse, mask=slot_mask)
+
+
+@triton.jit
+def _pool_backward_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, grad_out_ptr, lse_ptr, byte_order_ptr, segment_ends_ptr,
+    grad_q_ptr, grad_k_ptr, grad_v_ptr,
+    seq_len, num_patches, slots, heads, kv_heads, head_dim, scale,
+    S_PAD: tl.constexpr, BLOCK_T: tl.constexpr, D_PAD: tl.constexpr,
+):
+    row, head, kv_head, start, end, dims, dim_mask, slot_mask, q, q_mask, q_offsets, lse_offsets = (
+        _patch_program_queries(q_ptr, segment_ends_ptr, num_patches, slots, heads, kv_heads, head_dim, S_PAD, D_PAD)
+    )
     grad_out = tl.load(grad_out_ptr + q_offsets, mask=q_mask, other=0.0).to(tl.float32)
     out = tl.load(out_ptr + q_offsets, mask=q_mask, other=0.0).to(tl.float32)
-    lse = tl.load(lse_ptr + (patch_flat.to(tl.int64) * slots + slot_idx) * heads + head, mask=slot_mask, other=0.0)
+    lse = tl.load(lse_ptr + lse_offsets, mask=slot_mask, other=0.0)
     # d(softmax)/d(score) = p * (dP - sum_t p dP), and sum_t p dP = grad_out . out per slot.
     out_dot_grad = tl.sum(out * grad_out, axis=1)
     grad_q = tl.zeros((S_PAD, D_PAD), tl.float32)
     for first in range(start, end, BLOCK_T):
-        sorted_idx = first + tl.arange(0, BLOCK_T)
-        in_patch = sorted_idx < end
-        byte = tl.load(byte_order_ptr + row * seq_len + sorted_idx, mask=in_patch, other=0)
-        kv_mask = in_patch[:, None] & dim_mask[None, :]
-        kv_offsets = ((row * seq_len + byte[:, None]) * kv_heads + kv_head) * head_dim + dims[None, :]
-        k = tl.load(k_ptr + kv_offsets, mask=kv_mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + kv_offsets, mask=kv_mask, other=0.0).to(tl.float32)
+        byte, in_patch, kv_mask, k, v = _load_patch_bytes(
+            k_ptr, v_ptr, byte_order_ptr, first, end, row, seq_len, kv_heads, kv_head, head_dim, dims, dim_mask,
+            BLOCK_T,
+        )
         scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
         probs = tl.exp(scores - lse[:, None])
         probs = tl.where(in_patch[None, :] & slot_mask[:, None], probs, 0.0)
@@ -124,11 +140,13 @@ def _pool_backward_kernel(
 
 
 @triton.jit
-def _unpool_forward_kernel(
-    q_ptr, k_ptr, v_ptr, source_patch_ptr, out_ptr, lse_ptr,
-    seq_len, num_patches, slots, heads, kv_heads, head_dim, scale,
+def _byte_program_queries(
+    q_ptr, source_patch_ptr, seq_len, num_patches, slots, heads, kv_heads, head_dim,
     BLOCK_T: tl.constexpr, D_PAD: tl.constexpr,
 ):
+    """Where the (row, head, block of bytes) program of the decoder direction reads and writes: its
+    bytes' queries (loaded), the first slot of each byte's source patch and the offsets of the
+    bytes' outputs and softmax statistics."""
     row = tl.program_id(0)
     head = tl.program_id(1)
     block = tl.program_id(2)
@@ -142,6 +160,19 @@ def _unpool_forward_kernel(
     q = tl.load(q_ptr + q_offsets, mask=mask, other=0.0).to(tl.float32)
     patch = tl.load(source_patch_ptr + flat_positions, mask=in_row, other=0)
     slot_base = (row.to(tl.int64) * num_patches + patch) * slots
+    lse_offsets = flat_positions * heads + head
+    return head, kv_head, in_row, dims, mask, q, q_offsets, slot_base, lse_offsets
+
+
+@triton.jit
+def _unpool_forward_kernel(
+    q_ptr, k_ptr, v_ptr, source_patch_ptr, out_ptr, lse_ptr,
+    seq_len, num_patches, slots, heads, kv_heads, head_dim, scale,
+    BLOCK_T: tl.constexpr, D_PAD: tl.constexpr,
+):
+    head, kv_head, in_row, dims, mask, q, q_offsets, slot_base, lse_offsets = _byte_program_queries(
+        q_ptr, source_patch_ptr, seq_len, num_patches, slots, heads, kv_heads, head_dim, BLOCK_T, D_PAD
+    )
     running_max = tl.full((BLOCK_T,), float("-inf"), tl.float32)
     running_sum = tl.zeros((BLOCK_T,), tl.float32)
     acc = tl.zeros((BLOCK_T, D_PAD), tl.float32)
@@ -157,7 +188,7 @@ def _unpool_forward_kernel(
         acc = acc * rescale[:, None] + weight[:, None] * v
         running_max = new_max
     tl.store(out_ptr + q_offsets, (acc / running_sum[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(lse_ptr + flat_positions * heads + head, running_max + tl.log(running_sum), mask=in_row)
+    tl.store(lse_ptr + lse_offsets, running_max + tl.log(running_sum), mask=in_row)
 
 
 @triton.jit
@@ -167,23 +198,13 @@ def _unpool_backward_kernel(
     seq_len, num_patches, slots, heads, kv_heads, head_dim, scale,
     BLOCK_T: tl.constexpr, D_PAD: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    head = tl.program_id(1)
-    block = tl.program_id(2)
-    kv_head = head // (heads // kv_heads)
-    positions = block * BLOCK_T + tl.arange(0, BLOCK_T)
-    in_row = positions < seq_len
-    dims = tl.arange(0, D_PAD)
-    mask = in_row[:, None] & (dims < head_dim)[None, :]
-    flat_positions = row.to(tl.int64) * seq_len + positions
-    q_offsets = (flat_positions[:, None] * heads + head) * head_dim + dims[None, :]
-    q = tl.load(q_ptr + q_offsets, mask=mask, other=0.0).to(tl.float32)
+    head, kv_head, in_row, dims, mask, q, q_offsets, slot_base, lse_offsets = _byte_program_queries(
+        q_ptr, source_patch_ptr, seq_len, num_patches, slots, heads, kv_heads, head_dim, BLOCK_T, D_PAD
+    )
     grad_out = tl.load(grad_out_ptr + q_offsets, mask=mask, other=0.0).to(tl.float32)
     out = tl.load(out_ptr + q_offsets, mask=mask, other=0.0).to(tl.float32)
-    lse = tl.load(lse_ptr + flat_positions * heads + head, mask=in_row, other=0.0)
+    lse = tl.load(lse_ptr + lse_offsets, mask=in_row, other=0.0)
     out_dot_grad = tl.sum(out * grad_out, axis=1)
-    patch = tl.load(source_patch_ptr + flat_positions, mask=in_row, other=0)
-    slot_base = (row.to(tl.int64) * num_patches + patch) * slots
     grad_q = tl.zeros((BLOCK_T, D_PAD), tl.float32)
     for slot in range(slots):
         kv_offsets = ((slot_base + slot)[:, None] * kv_heads + kv_head) * head_dim + dims[None, :]

@@ -24,6 +24,15 @@ BLOCK_POSITIONS = 16
 
 
 @triton.jit
+def _position_and_dim_block(num_positions, dim, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The flat positions (axis 0 of the grid) and embedding dims (axis 1) of this program, each
+    with the mask of those in bounds."""
+    positions = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    return positions, positions < num_positions, dims, dims < dim
+
+
+@triton.jit
 def _hash_embedding_forward_kernel(
     tokens_ptr,
     primes_ptr,
@@ -40,13 +49,8 @@ def _hash_embedding_forward_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    positions = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    valid = positions < num_positions
+    positions, valid, dims, dim_mask = _position_and_dim_block(num_positions, dim, BLOCK_T, BLOCK_D)
     column = positions % seq_len  # left padding restarts at every row of the batch
-    dims = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    dim_mask = dims < dim
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
     for function in range(NUM_FUNCTIONS):
         prime = tl.load(primes_ptr + function)
@@ -62,7 +66,7 @@ def _hash_embedding_forward_kernel(
             # Floor modulo like torch.remainder whatever sign convention `%` follows.
             bucket = tl.where(bucket < 0, bucket + table_size, bucket)
             row = bucket + (function * NUM_SIZES + size_index) * table_size
-            if pid_d == 0:
+            if tl.program_id(1) == 0:  # rows do not depend on dims: the first dim block stores them
                 tl.store(rows_ptr + positions * (NUM_FUNCTIONS * NUM_SIZES) + function * NUM_SIZES + size_index,
                          row, mask=valid)
             values = tl.load(weight_ptr + row[:, None] * dim + dims[None, :],
@@ -83,12 +87,8 @@ def _hash_embedding_atomic_backward_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    positions = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    valid = positions < num_positions
-    dims = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask = valid[:, None] & (dims < dim)[None, :]
+    positions, valid, dims, dim_mask = _position_and_dim_block(num_positions, dim, BLOCK_T, BLOCK_D)
+    mask = valid[:, None] & dim_mask[None, :]
     grad = tl.load(grad_out_ptr + positions[:, None] * dim + dims[None, :], mask=mask, other=0.0).to(tl.float32)
     for table in range(NUM_TABLES):
         row = tl.load(rows_ptr + positions * NUM_TABLES + table, mask=valid, other=0)

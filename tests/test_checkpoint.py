@@ -14,9 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bltdist.checkpoint import load_model_weights
 from bltdist.config import load_config
-from bltdist.train import build_model
+from bltdist.training.parallelize import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "workers" / "interrupt.py"
@@ -180,8 +179,7 @@ def test_consolidate_writes_a_model_directory_that_init_from_reads(reference, tm
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr
     cfg = load_config(str(out / "config.yaml"), [])
-    model = build_model(cfg, torch.device("cpu"))
-    load_model_weights(model, out)
+    model = build_model(cfg.model, cfg.train.seed, str(out), torch.device("cpu"))
     weights = load_file(out / "model.safetensors")
     assert weights.keys() == model.state_dict().keys()
     bad = subprocess.run([*command[:4], str(tmp_path / "nowhere"), str(tmp_path / "x")], capture_output=True, text=True,

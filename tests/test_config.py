@@ -5,15 +5,13 @@ import pytest
 from bltdist.config import (
     Config,
     config_to_dict,
-    data_parallel_size,
-    grad_accum_steps,
     load_config,
     parse_args,
     save_config,
     validate,
-    validate_world,
 )
 from bltdist.errors import ConfigError
+from bltdist.parallel import ParallelDims
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
@@ -183,29 +181,34 @@ def test_validate_catches_wrong_types_of_a_config_built_in_code():
     assert caught.value.problems == ["optim.lr: must be > 0, got -1.0", "train.steps: expected an integer, got '5'"]
 
 
+def data_parallel_and_accumulation(cfg, world_size: int) -> tuple[int, int]:
+    dims = ParallelDims.from_config(cfg, world_size)
+    return dims.dp, dims.grad_accum_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size)
+
+
 def test_world_layout():
     cfg = load_config(None, ["--train.global_batch_size=8", "--train.micro_batch_size=2"])
-    assert data_parallel_size(cfg, 4) == 4 and grad_accum_steps(cfg, 4) == 1
-    assert data_parallel_size(cfg, 2) == 2 and grad_accum_steps(cfg, 2) == 2
+    assert data_parallel_and_accumulation(cfg, 4) == (4, 1)
+    assert data_parallel_and_accumulation(cfg, 2) == (2, 2)
     hybrid = load_config(None, ["--parallel.dp_replicate=2", "--parallel.dp_shard=2", "--train.micro_batch_size=1"])
-    assert data_parallel_size(hybrid, 4) == 4 and grad_accum_steps(hybrid, 4) == 2
+    assert data_parallel_and_accumulation(hybrid, 4) == (4, 2)
 
 
 def test_validate_world_mismatches():
     cfg = load_config(None, ["--train.global_batch_size=8", "--train.micro_batch_size=4"])
     with pytest.raises(ConfigError) as caught:
-        validate_world(cfg, 3)
+        ParallelDims.from_config(cfg, 3)
     (problem,) = caught.value.problems
     assert problem.startswith("train.global_batch_size: 8 is not divisible by") and "multiple of 12" in problem
 
     fixed_shard = load_config(None, ["--parallel.dp_shard=2"])
     with pytest.raises(ConfigError) as caught:
-        validate_world(fixed_shard, 4)
+        ParallelDims.from_config(fixed_shard, 4)
     assert caught.value.problems[0].startswith("parallel: ") and "4 process(es)" in caught.value.problems[0]
 
     rest = load_config(None, ["--parallel.dp_replicate=2"])
     with pytest.raises(ConfigError) as caught:
-        validate_world(rest, 3)
+        ParallelDims.from_config(rest, 3)
     assert caught.value.problems[0].startswith("parallel.dp_shard: -1 takes the rest")
 
 

@@ -12,14 +12,12 @@ import torch.nn.functional as F
 from bltdist.config import BLTConfig, Config, OptimConfig
 from bltdist.errors import ConfigError
 from bltdist.model import BLT
-from bltdist.model.attention import SelfAttentionMask, attention
-from bltdist.parallel.context import (
-    ContextParallelLayout,
-    RingPatchMask,
-    check_context_layout,
-    chunk_order,
-    local_loss_sum,
-)
+from bltdist.model.attention import SelfAttentionMask
+from bltdist.model.loss import byte_loss_sum
+from bltdist.parallel import ParallelDims
+from bltdist.parallel.context import ContextParallelLayout
+from bltdist.parallel.context.layout import chunk_order
+from bltdist.parallel.context.ring import RingPatchMask
 from bltdist.patching import patch_lengths
 
 TOLERANCE = 1e-5
@@ -59,7 +57,7 @@ def ring_attention_worker(rank: int, world_size: int, rendezvous: str) -> None:
         [0] * 2 + [1] * 5 + [2] * (num_patches - 9) + [-1] * 2,
         [0] * 3 + [1] * (num_patches - 4) + [2],
     ])  # fmt: skip
-    reference = attention(q, k, v, SelfAttentionMask(docs, None, "sdpa"))
+    reference = SelfAttentionMask(docs, None, "sdpa").attend(q, k, v)
     (reference * weights).sum().backward()
 
     order = torch.tensor(chunk_order(world_size)).view(world_size, 2)
@@ -136,7 +134,7 @@ def model_worker(rank: int, world_size: int, rendezvous: str, overrides: dict) -
     reference_loss = reference_loss.detach()
 
     layout = ContextParallelLayout.build(tokens, lengths, cfg.local_window, dist.group.WORLD)
-    loss = local_loss_sum(model(tokens, lengths, layout=layout), targets, layout)
+    loss = byte_loss_sum(model(tokens, lengths, layout=layout), layout.local_targets(targets))
     loss.backward()
     total_loss = loss.detach().clone()
     dist.all_reduce(total_loss)
@@ -197,10 +195,10 @@ def test_sequences_cp_cannot_split_are_config_errors():
     cfg = Config()
     cfg.parallel.cp, cfg.train.seq_len = 4, 7
     with pytest.raises(ConfigError, match=r"train\.seq_len.*parallel\.cp 4"):
-        check_context_layout(cfg)
+        ParallelDims.from_config(cfg, world_size=4)
     cfg.model.arch = "entropy"
     with pytest.raises(ConfigError, match=r"parallel\.cp") as raised:
-        check_context_layout(cfg)
+        ParallelDims.from_config(cfg, world_size=4)
     assert len(raised.value.problems) == 2
     cfg.model.arch, cfg.train.seq_len = "blt", 8
-    check_context_layout(cfg)
+    ParallelDims.from_config(cfg, world_size=4)

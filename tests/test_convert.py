@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import BltConfig, BltForCausalLM, BltPatcher, BltPatcherConfig
 
 import bltdist
-from bltdist.checkpoint import save_model_dir
+from bltdist.model_dir import save_weights_dir
 from bltdist.config import BLTConfig, Config, EntropyModelConfig, load_config
 from bltdist.convert import from_hf, main, to_hf
 from bltdist.errors import UserError
@@ -301,7 +301,7 @@ def test_round_trip_from_bltdist_is_bit_exact(tmp_path):
     torch.manual_seed(0)
     model = BLT(cfg.model.blt)
     model.init_weights()
-    save_model_dir(model, cfg, tmp_path / "ours")
+    save_weights_dir(model.state_dict(), cfg, tmp_path / "ours")
     to_hf(tmp_path / "ours", tmp_path / "hf")
     from_hf(tmp_path / "hf", tmp_path / "again")
     assert_same_tensors(
@@ -321,7 +321,7 @@ def test_round_trip_from_bltdist_is_bit_exact(tmp_path):
     entropy_cfg.model.entropy = EntropyModelConfig(dim=16, layers=1, heads=2, ffn_dim=24, window=8)
     entropy_model = ByteLM(entropy_cfg.model.entropy)
     entropy_model.init_weights()
-    save_model_dir(entropy_model, entropy_cfg, tmp_path / "entropy")
+    save_weights_dir(entropy_model.state_dict(), entropy_cfg, tmp_path / "entropy")
     to_hf(tmp_path / "entropy", tmp_path / "hf_patcher")
     assert BltPatcher.from_pretrained(tmp_path / "hf_patcher").config.sliding_window == 8
     from_hf(tmp_path / "hf_patcher", tmp_path / "entropy_again")
@@ -336,7 +336,7 @@ def test_to_hf_refuses_options_the_port_cannot_compute(tmp_path):
     cfg = Config()
     cfg.model.blt = BLTConfig(local_dim=16, local_heads=2, decoder_layers=1, global_dim=32, global_layers=1,
                               global_heads=2, hash_vocab=7)  # fmt: skip
-    save_model_dir(BLT(cfg.model.blt), cfg, tmp_path / "ours")
+    save_weights_dir(BLT(cfg.model.blt).state_dict(), cfg, tmp_path / "ours")
     with pytest.raises(UserError, match="global_final_norm.*\n.*cross_attn_double_residual"):
         to_hf(tmp_path / "ours", tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
@@ -424,7 +424,7 @@ def test_a_bltdist_directory_whose_config_does_not_match_its_weights(tmp_path, c
     cfg = Config()
     cfg.model.arch = "entropy"
     cfg.model.entropy = EntropyModelConfig(dim=16, layers=1, heads=2, ffn_dim=24)
-    save_model_dir(ByteLM(cfg.model.entropy), cfg, tmp_path / "ours")
+    save_weights_dir(ByteLM(cfg.model.entropy).state_dict(), cfg, tmp_path / "ours")
     cfg.model.entropy.ffn_dim = 32
     from bltdist.config import save_config
 

@@ -12,15 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-from bltdist.checkpoint import save_model_dir
+from bltdist.model_dir import save_weights_dir
 from bltdist.config import load_config
-from bltdist.data import PackedByteLoader, document_tokens, load_documents
+from bltdist.data import PackedByteLoader, load_documents
+from bltdist.patching.tokens import document_tokens
 from bltdist.data.sources import stdlib_root
-from bltdist.entropy_store import PrecomputedEntropies, precompute
+from bltdist.patching.store import PrecomputedEntropies, precompute
 from bltdist.model import ByteLM
-from bltdist.patch import calibrate_threshold, entropy_sample, packed_rows
-from bltdist.patch import main as patch_main
-from bltdist.patcher import EntropyModel, OnlineEntropies, Patcher
+from bltdist.patching.cli import calibrate_threshold, entropy_sample, packed_rows
+from bltdist.patching.cli import main as patch_main
+from bltdist.patching.entropy import EntropyModel, OnlineEntropies
+from bltdist.patching.patcher import Patcher
 
 REPO = Path(__file__).resolve().parents[1]
 CODE_FILES = ("textwrap.py", "csv.py", "json/decoder.py")
@@ -66,7 +68,7 @@ def seeded_entropy_model(directory: Path, context: int) -> Path:
     torch.manual_seed(0)
     model = ByteLM(cfg.model.entropy)
     model.init_weights()
-    return save_model_dir(model, cfg, directory)
+    return save_weights_dir(model.state_dict(), cfg, directory)
 
 
 def small_documents() -> list[bytes]:

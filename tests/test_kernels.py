@@ -14,6 +14,7 @@ from bltdist.kernels.hash_embedding import hash_ngram_embedding
 from bltdist.model import BLT, PatchLayout
 from bltdist.model import attention as reference
 from bltdist.model.hash_embedding import HashNgramEmbedding
+from test_model import make_tokens
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -28,22 +29,13 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dt
     torch.testing.assert_close(actual.float(), expected, rtol=tolerance, atol=floor)
 
 
-def tokens_with_documents(batch: int, seq_len: int, generator: torch.Generator, docs_at=()) -> torch.Tensor:
-    tokens = torch.randint(4, 260, (batch, seq_len), generator=generator)
-    tokens[:, 0] = 1
-    for position in docs_at:
-        tokens[:, position - 1] = 2
-        tokens[:, position] = 1
-    return tokens
-
-
 @pytest.mark.parametrize("backward_mode", ["atomic", "sorted"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_hash_embedding_kernel_matches_reference(dtype, backward_mode):
     generator = torch.Generator().manual_seed(1)
     # 37 positions (not a multiple of the 16-position block), two documents per row, a small
     # table so that many n-grams share rows (colliding gradient updates), dim 40 (not a power of 2).
-    tokens = tokens_with_documents(2, 37, generator, docs_at=(19,)).to(DEVICE)
+    tokens = make_tokens(2, 37, docs_at=(19,), generator=generator).to(DEVICE)
     module = HashNgramEmbedding([3, 4, 5, 6, 7, 8], num_functions=2, table_size=31, dim=40, kernels="torch")
     weight = torch.randn(module.weight.shape, generator=generator).to(DEVICE, dtype)
     module = module.to(DEVICE)
@@ -64,7 +56,7 @@ def test_hash_embedding_kernel_reuses_primes_and_keeps_the_table_order_of_unsort
     generator = torch.Generator().manual_seed(2)
     # 12 functions: the 12th reuses the first prime; sizes out of order and a 1-gram and a 9-gram.
     sizes, functions, table_size = [5, 1, 9], 12, 100003
-    tokens = tokens_with_documents(1, 11, generator).to(DEVICE)
+    tokens = make_tokens(1, 11, generator=generator).to(DEVICE)
     module = HashNgramEmbedding(sizes, functions, table_size, dim=3, kernels="torch").to(DEVICE)
     torch.nn.init.normal_(module.weight, generator=torch.Generator(DEVICE).manual_seed(3))
     weight = module.weight.detach().clone().requires_grad_()
@@ -89,15 +81,18 @@ LAYOUTS = {
 DOCUMENT_STARTS = {"documents_and_padding": (17, 30)}
 
 
-def build_layout(name: str, generator: torch.Generator) -> PatchLayout:
+def build_layout(name: str, seed: int) -> tuple[PatchLayout, torch.Generator]:
+    """The named layout and the generator that drew its tokens, for the test's further inputs."""
+    generator = torch.Generator().manual_seed(seed)
     lengths = torch.tensor(LAYOUTS[name])
     seq_len = int(lengths[0].sum())
-    tokens = tokens_with_documents(lengths.shape[0], seq_len, generator, DOCUMENT_STARTS.get(name, ()))
-    return PatchLayout.build(tokens.to(DEVICE), lengths.to(DEVICE), None, "sdpa")
+    tokens = make_tokens(lengths.shape[0], seq_len, docs_at=DOCUMENT_STARTS.get(name, ()), generator=generator)
+    return PatchLayout.build(tokens.to(DEVICE), lengths.to(DEVICE), None, "sdpa"), generator
 
 
-def run_both(reference_fn, kernel_fn, shapes, index, dtype, generator):
-    """Outputs and input gradients of the kernel (dtype) and of the reference (fp32)."""
+def assert_kernel_matches_reference(reference_fn, kernel_fn, shapes, index, dtype, generator) -> torch.Tensor:
+    """Outputs and input gradients of the kernel (dtype) match the reference's (fp32); returns the
+    kernel's output."""
     inputs = [torch.randn(shape, generator=generator).to(DEVICE, dtype) for shape in shapes]
     expected_inputs = [x.float().detach().requires_grad_() for x in inputs]
     kernel_inputs = [x.detach().clone().requires_grad_() for x in inputs]
@@ -107,57 +102,48 @@ def run_both(reference_fn, kernel_fn, shapes, index, dtype, generator):
     expected.backward(grad_out.float())
     out.backward(grad_out)
     assert out.dtype == dtype
-    return (out, expected), [(x.grad, y.grad) for x, y in zip(kernel_inputs, expected_inputs)]
+    assert_matches(out, expected, dtype)
+    for kernel_input, expected_input in zip(kernel_inputs, expected_inputs):
+        assert_matches(kernel_input.grad, expected_input.grad, dtype)
+    return out
 
 
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 24  # grouped key/value heads, head dim not a power of 2
+SLOTS = 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout_name", list(LAYOUTS))
 def test_patch_pool_kernel_matches_reference(layout_name, dtype):
-    generator = torch.Generator().manual_seed(4)
-    layout = build_layout(layout_name, generator)
+    layout, generator = build_layout(layout_name, seed=4)
     batch, seq_len = layout.patch_ids.shape
-    slots = 2
-    shapes = [(batch, layout.num_patches, slots, HEADS, HEAD_DIM), (batch, seq_len, KV_HEADS, HEAD_DIM),
-              (batch, seq_len, KV_HEADS, HEAD_DIM)]  # fmt: skip
-    outputs, grads = run_both(
+    byte_kv_shape = (batch, seq_len, KV_HEADS, HEAD_DIM)
+    shapes = [(batch, layout.num_patches, SLOTS, HEADS, HEAD_DIM), byte_kv_shape, byte_kv_shape]
+    assert_kernel_matches_reference(
         reference.patch_pool_attention, patch_pool_attention, shapes, layout.patch_ids, dtype, generator
     )
-    assert_matches(*outputs, dtype)
-    for grad, expected in grads:
-        assert_matches(grad, expected, dtype)
 
 
 def test_patch_pool_kernel_handles_bytes_of_a_patch_that_are_not_contiguous():
     generator = torch.Generator().manual_seed(5)
     patch_ids = torch.randint(0, 6, (2, 29), generator=generator).to(DEVICE)
     shapes = [(2, 7, 3, HEADS, HEAD_DIM), (2, 29, KV_HEADS, HEAD_DIM), (2, 29, KV_HEADS, HEAD_DIM)]
-    outputs, grads = run_both(
+    out = assert_kernel_matches_reference(
         reference.patch_pool_attention, patch_pool_attention, shapes, patch_ids, torch.float32, generator
     )
-    assert_matches(*outputs, torch.float32)
-    assert outputs[0][:, 6].abs().max() == 0  # patch 6 has no bytes
-    for grad, expected in grads:
-        assert_matches(grad, expected, torch.float32)
+    assert out[:, 6].abs().max() == 0  # patch 6 has no bytes
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout_name", list(LAYOUTS))
 def test_byte_to_slot_kernel_matches_reference(layout_name, dtype):
-    generator = torch.Generator().manual_seed(6)
-    layout = build_layout(layout_name, generator)
+    layout, generator = build_layout(layout_name, seed=6)
     batch, seq_len = layout.patch_ids.shape
-    slots = 2
-    shapes = [(batch, seq_len, HEADS, HEAD_DIM), (batch, layout.num_patches, slots, KV_HEADS, HEAD_DIM),
-              (batch, layout.num_patches, slots, KV_HEADS, HEAD_DIM)]  # fmt: skip
-    outputs, grads = run_both(
+    slot_kv_shape = (batch, layout.num_patches, SLOTS, KV_HEADS, HEAD_DIM)
+    shapes = [(batch, seq_len, HEADS, HEAD_DIM), slot_kv_shape, slot_kv_shape]
+    assert_kernel_matches_reference(
         reference.byte_to_slot_attention, byte_to_slot_attention, shapes, layout.source_patch, dtype, generator
     )
-    assert_matches(*outputs, dtype)
-    for grad, expected in grads:
-        assert_matches(grad, expected, dtype)
 
 
 def tiny_model(kernels_mode: str) -> BLT:
@@ -176,7 +162,7 @@ def tiny_model(kernels_mode: str) -> BLT:
 
 def test_model_with_kernels_matches_model_with_reference():
     generator = torch.Generator().manual_seed(7)
-    tokens = tokens_with_documents(2, 24, generator, docs_at=(13,)).to(DEVICE)
+    tokens = make_tokens(2, 24, docs_at=(13,), generator=generator).to(DEVICE)
     lengths = torch.tensor([[1, 4, 4, 3, 1, 5, 6], [1, 11, 1, 1, 4, 6, 0]], device=DEVICE)
     results = {}
     for mode in ("triton", "torch"):

@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bltdist.config import BLTConfig, EntropyModelConfig
 from bltdist.flops import blt_forward_flops_per_byte, byte_lm_forward_flops_per_byte
 from bltdist.model import BLT, ByteLM
-from bltdist.model.attention import SelfAttentionMask, attention, resolve_backend
+from bltdist.model.attention import SelfAttentionMask, resolve_backend
 from bltdist.model.hash_embedding import HASH_PRIMES, HashNgramEmbedding, ngram_hash
 from bltdist.patching import patch_lengths, patch_starts
 
@@ -31,8 +31,14 @@ def build(cfg, cls=BLT):
     return model
 
 
-def make_tokens(batch: int, seq_len: int, seed: int = 0, docs_at=()) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
+def make_tokens(
+    batch: int, seq_len: int, seed: int = 0, docs_at=(), generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Random bytes with a BOS opening each row and a document starting at each of ``docs_at``; drawn
+    from ``generator`` when given (the caller goes on drawing from it), else from a fresh one seeded
+    with ``seed``."""
+    if generator is None:
+        generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(4, 260, (batch, seq_len), generator=generator)
     tokens[:, 0] = 1
     for position in docs_at:
@@ -157,7 +163,7 @@ def test_blocked_sdpa_equals_dense_reference(window):
         q.transpose(1, 2), k.repeat_interleave(2, 2).transpose(1, 2), v.repeat_interleave(2, 2).transpose(1, 2),
         attn_mask=dense,
     ).transpose(1, 2)
-    assert torch.allclose(attention(q, k, v, mask), expected, atol=1e-5)
+    assert torch.allclose(mask.attend(q, k, v), expected, atol=1e-5)
 
 
 def test_flex_backend_agrees_with_sdpa_backend():

@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bltdist.checkpointer import consolidate
+from bltdist.training.checkpoint import consolidate
 from bltdist.config import load_config
 from bltdist.errors import ConfigError
-from bltdist.parallel import check_layout
+from bltdist.parallel import ParallelDims
 from test_train import run_trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -218,4 +218,4 @@ def test_bad_layout_exits_2_before_starting(tmp_path):
 def test_bad_layouts_fail_before_any_process_group(overrides, world_size, message):
     cfg = load_config(None, [*MODEL, "--train.global_batch_size=12", "--train.micro_batch_size=1", *overrides])
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        check_layout(cfg, world_size)
+        ParallelDims.from_config(cfg, world_size)

@@ -4,15 +4,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.models.blt.modeling_blt import BltPatcher, process_patch_lengths
 
-from bltdist.patching import (
-    BOS_ID,
-    EOS_ID,
-    document_ids,
-    patch_ids,
-    patch_lengths,
-    patch_starts,
-    starts_from_lengths,
-)
+from bltdist.patching import BOS_ID, EOS_ID, document_ids, pad_patch_lengths, patch_lengths, patch_starts
+from bltdist.patching.rules import patch_ids
 
 
 def doc_tokens(*documents: bytes, partial_first: bytes | None = None) -> torch.Tensor:
@@ -81,12 +74,21 @@ def test_document_ids_and_patch_ids():
     assert patch_ids(starts).tolist() == [[0, 0, 1, 2, 2]]
 
 
-def test_lengths_are_padded_and_starts_from_lengths_ignores_padding():
+def starts_of(lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The starts mask that (B, P) lengths describe; zero-length (padding) patches mark nothing."""
+    starts = torch.zeros(lengths.shape[0], seq_len + 1, dtype=torch.bool)
+    first = torch.cumsum(lengths, dim=1) - lengths
+    starts.scatter_(1, torch.where(lengths > 0, first, seq_len), True)
+    return starts[:, :seq_len]
+
+
+def test_lengths_are_right_padded_to_the_batch_and_to_a_multiple():
     starts = torch.tensor([[True, True, False, False], [True, True, True, True]])
     lengths = patch_lengths(starts)
     assert lengths.tolist() == [[1, 3, 0, 0], [1, 1, 1, 1]]
-    assert torch.equal(starts_from_lengths(lengths, 4), starts)
-    assert torch.equal(starts_from_lengths(torch.tensor([[1, 0, 3, 0]]), 4), starts[:1])
+    assert torch.equal(starts_of(lengths, 4), starts)
+    assert pad_patch_lengths(lengths, 3).tolist() == [[1, 3, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0]]
+    assert pad_patch_lengths(lengths, 2) is lengths
 
 
 def test_bad_arguments_are_refused():
@@ -99,8 +101,6 @@ def test_bad_arguments_are_refused():
         patch_starts(tokens, "entropy", entropies=torch.zeros(tokens.shape), threshold=1.0, threshold_mode="x")
     with pytest.raises(ValueError, match="position 0"):
         patch_lengths(torch.tensor([[False, True]]))
-    with pytest.raises(ValueError, match="sum to seq_len"):
-        starts_from_lengths(torch.tensor([[1, 2]]), 4)
 
 
 # Agreement with the Hugging Face port
@@ -180,7 +180,7 @@ def test_patching_invariants_on_random_packed_batches(mode, options):
         documents = document_ids(tokens)
         continues = ~starts[:, 1:]
         assert torch.equal(documents[:, 1:][continues], documents[:, :-1][continues]), "a patch spans documents"
-        assert torch.equal(starts_from_lengths(lengths, tokens.shape[1]), starts)
+        assert torch.equal(starts_of(lengths, tokens.shape[1]), starts)
 
 
 @pytest.mark.parametrize("mode", ["static", "space", "entropy"])

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from bltdist.config import load_config
-from bltdist.plan import ActivationModel, Layout, count_parameters, estimate, layout_config
+from bltdist.parallel import ParallelDims
+from bltdist.plan import ActivationModel, count_parameters, estimate, layout_config
 
 REPO = Path(__file__).resolve().parents[1]
 MID_SIZE = [  # the small BLT of BLT_NOTES section 4 (local 256, 1 + 4 layers, global 512 x 6)
@@ -20,10 +21,10 @@ MID_SIZE = [  # the small BLT of BLT_NOTES section 4 (local 256, 1 + 4 layers, g
     "--train.seq_len=256", "--train.global_batch_size=4", "--train.micro_batch_size=2",
 ]  # fmt: skip
 CONFIGS = {"tiny": ["--config", "configs/tiny_static.yaml"], "mid-size": MID_SIZE}
-LAYOUTS = [Layout(), Layout(dp_shard=2), Layout(dp_replicate=2, dp_shard=2)]
+LAYOUTS = [ParallelDims(), ParallelDims(dp_shard=2), ParallelDims(dp_replicate=2, dp_shard=2)]
 
 
-def measured_peaks(args: list[str], layout: Layout, out: Path) -> tuple[list[int], list[str]]:
+def measured_peaks(args: list[str], layout: ParallelDims, out: Path) -> tuple[list[int], list[str]]:
     """Every rank's peak bytes and the phase of the step where it happened."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     worker = str(REPO / "tests" / "workers" / "memory.py")
@@ -43,10 +44,11 @@ def test_estimate_within_20_percent_of_measured_peak(config, tmp_path):
     counts, activations = count_parameters(cfg), ActivationModel.probe(cfg)
     rows = []
     for layout in LAYOUTS:
-        candidate = layout_config(cfg, layout)
-        assert candidate is not None, layout
-        predicted = estimate(candidate, layout, counts, activations, gpus_per_node=8, compute_bytes=4)
-        args = [*CONFIGS[config], *(f"--parallel.{k}={v}" for k, v in vars(layout).items()),
+        resolved = layout_config(cfg, layout)
+        assert resolved is not None, layout
+        dims, candidate = resolved
+        predicted = estimate(candidate, dims, counts, activations, gpus_per_node=8, compute_bytes=4)
+        args = [*CONFIGS[config], *(f"--parallel.{k}={v}" for k, v in layout.sizes().items()),
                 f"--train.micro_batch_size={candidate.train.micro_batch_size}"]  # fmt: skip
         peaks, phases = measured_peaks(args, layout, tmp_path / f"{layout}.json")
         highest = max(range(len(peaks)), key=peaks.__getitem__)

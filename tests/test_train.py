@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from bltdist.config import load_config
 from bltdist.metrics import TRAIN_KEYS
-from bltdist.train import lr_factor
+from bltdist.training.optim import lr_factor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,12 +111,12 @@ def test_empty_file_and_unreadable_directory_exit_2(tmp_path):
 
 def test_learning_rate_schedules():
     cfg = load_config(None, ["--train.steps=100", "--optim.warmup_steps=10", "--optim.min_lr_ratio=0.1"])
-    assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
-    assert lr_factor(10, cfg) == pytest.approx(1.0) and lr_factor(100, cfg) == pytest.approx(0.1)
-    assert lr_factor(10, cfg) > lr_factor(50, cfg) > lr_factor(90, cfg)
+    assert lr_factor(0, cfg.optim, 100) == pytest.approx(0.1) and lr_factor(9, cfg.optim, 100) == pytest.approx(1.0)
+    assert lr_factor(10, cfg.optim, 100) == pytest.approx(1.0) and lr_factor(100, cfg.optim, 100) == pytest.approx(0.1)
+    assert lr_factor(10, cfg.optim, 100) > lr_factor(50, cfg.optim, 100) > lr_factor(90, cfg.optim, 100)
     wsd = load_config(None, ["--train.steps=100", "--optim.warmup_steps=10", "--optim.schedule=wsd",
                              "--optim.decay_fraction=0.2", "--optim.min_lr_ratio=0.0"])  # fmt: skip
-    assert lr_factor(79, wsd) == 1.0 and lr_factor(90, wsd) == pytest.approx(0.5) and lr_factor(100, wsd) == 0.0
+    assert lr_factor(79, wsd.optim, 100) == 1.0 and lr_factor(90, wsd.optim, 100) == pytest.approx(0.5) and lr_factor(100, wsd.optim, 100) == 0.0
 
 
 @pytest.mark.slow

@@ -586,57 +586,6 @@ def validate(cfg: Config) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Layout over processes
-
-
-def _dp_shard_size(cfg: Config, world_size: int) -> int:
-    """parallel.dp_shard with -1 resolved; ConfigError when the degrees do not make ``world_size``."""
-    parallel = cfg.parallel
-    others = parallel.pp * parallel.dp_replicate * parallel.cp * parallel.tp
-    named = f"pp x dp_replicate x cp x tp = {parallel.pp} x {parallel.dp_replicate} x {parallel.cp} x {parallel.tp}"
-    if others < 1 or parallel.dp_shard == 0 or parallel.dp_shard < -1:
-        raise ConfigError(["parallel: every degree must be >= 1 (dp_shard may be -1); run validate first"])
-    if parallel.dp_shard == -1:
-        if world_size % others:
-            raise ConfigError([
-                f"parallel.dp_shard: -1 takes the rest of the world size, but {world_size} process(es) are not "
-                f"divisible by parallel.{named} = {others}; change parallel.* or the number of processes"
-            ])  # fmt: skip
-        return world_size // others
-    if others * parallel.dp_shard != world_size:
-        raise ConfigError([
-            f"parallel: {named} x dp_shard {parallel.dp_shard} = {others * parallel.dp_shard}, but there are "
-            f"{world_size} process(es); make the product equal the number of processes (or set parallel.dp_shard: -1)"
-        ])  # fmt: skip
-    return parallel.dp_shard
-
-
-def data_parallel_size(cfg: Config, world_size: int) -> int:
-    """Ranks that see different data: dp_replicate x dp_shard (resolved); ConfigError for a bad layout."""
-    return cfg.parallel.dp_replicate * _dp_shard_size(cfg, world_size)
-
-
-def validate_world(cfg: Config, world_size: int) -> None:
-    """Raises ConfigError when the parallel layout or the batch does not fit ``world_size`` processes."""
-    data_parallel = data_parallel_size(cfg, world_size)
-    per_step = cfg.train.micro_batch_size * data_parallel
-    if cfg.train.global_batch_size % per_step:
-        multiple = -(-cfg.train.global_batch_size // per_step) * per_step
-        raise ConfigError([
-            f"train.global_batch_size: {cfg.train.global_batch_size} is not divisible by "
-            f"train.micro_batch_size x data-parallel size = {cfg.train.micro_batch_size} x {data_parallel} = "
-            f"{per_step}; set train.global_batch_size to a multiple of {per_step} (e.g. {multiple}) "
-            "or change train.micro_batch_size"
-        ])  # fmt: skip
-
-
-def grad_accum_steps(cfg: Config, world_size: int) -> int:
-    """Microsteps per optimizer step on each rank; ConfigError when the batch does not split evenly."""
-    validate_world(cfg, world_size)
-    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * data_parallel_size(cfg, world_size))
-
-
-# ---------------------------------------------------------------------------------------------
 # Loading, saving, command line
 
 

@@ -43,14 +43,14 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from bltdist.checkpoint import (
+from bltdist.model_dir import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     atomic_directory,
     read_safetensors,
     write_model_files,
 )
-from bltdist.checkpointer import consolidate
+from bltdist.training.checkpoint import consolidate
 from bltdist.config import BLTConfig, Config, EntropyModelConfig, load_config, validate
 from bltdist.errors import UserError
 from bltdist.model import BLT, ByteLM

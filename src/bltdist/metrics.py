@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from bltdist.config import LoggingConfig
+
 TRAIN_KEYS = (
     "step", "loss", "bpb", "bytes_per_sec", "patches_per_sec", "avg_patch_len",
     "grad_norm", "lr", "mem_gb", "tflops", "mfu",
@@ -106,7 +108,7 @@ OPTIONAL_SINKS = {
 }
 
 
-def missing_sink_packages(logging_cfg) -> list[str]:
+def missing_sink_packages(logging_cfg: LoggingConfig) -> list[str]:
     """One problem per sink that is switched on but whose package does not import."""
     problems = []
     for key, (module, package) in OPTIONAL_SINKS.items():
@@ -150,17 +152,15 @@ class WandbSink:
         self.run.finish()
 
 
-def build_sinks(cfg, output_dir: Path, is_main: bool) -> list:
+def build_sinks(cfg: LoggingConfig, output_dir: Path, run_config: dict, is_main: bool) -> list:
     """The optional sinks the config switches on (rank 0 only); check ``missing_sink_packages`` first."""
     if not is_main:
         return []
-    from bltdist.config import config_to_dict
-
     sinks: list = []
-    if cfg.logging.tensorboard:
+    if cfg.tensorboard:
         sinks.append(TensorBoardSink(output_dir))
-    if cfg.logging.wandb:
-        sinks.append(WandbSink(cfg.logging.wandb_project, output_dir.name, config_to_dict(cfg)))
+    if cfg.wandb:
+        sinks.append(WandbSink(cfg.wandb_project, output_dir.name, run_config))
     return sinks
 
 
@@ -243,15 +243,13 @@ class StepProfiler:
 
 
 @contextlib.contextmanager
-def memory_snapshot_on_oom(cfg, rank: int):
-    """With logging.memory_snapshot_on_oom on CUDA: records allocation history and, when the body
-    runs out of memory, writes output_dir/memory_snapshot_rank<R>.pickle (view it at
+def memory_snapshot_on_oom(enabled: bool, output_dir: Path, rank: int):
+    """When ``enabled`` (logging.memory_snapshot_on_oom, on CUDA): records allocation history and,
+    when the body runs out of memory, writes output_dir/memory_snapshot_rank<R>.pickle (view it at
     https://pytorch.org/memory_viz) before re-raising. A no-op otherwise."""
-    on_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
-    if not (cfg.logging.memory_snapshot_on_oom and on_cuda):
+    if not enabled:
         yield
         return
-    output_dir = Path(cfg.output_dir)
     # Before the first allocation, and on this rank's GPU rather than creating a context on GPU 0.
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     torch.cuda.memory._record_memory_history(max_entries=100_000)

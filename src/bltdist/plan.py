@@ -61,32 +61,17 @@ from dataclasses import dataclass
 
 import torch
 
-from bltdist.config import Config, grad_accum_steps, load_config, parse_args
+from bltdist.config import Config, ParallelConfig, load_config, parse_args
 from bltdist.errors import ConfigError, UserError
 from bltdist.memtrack import PeakTensorMemory
-from bltdist.model import BLT, ByteLM
 from bltdist.model.layers import CrossAttention, TransformerBlock
-from bltdist.parallel.mesh import check_layout
+from bltdist.parallel import ParallelDims
+from bltdist.training.parallelize import meta_model
+from bltdist.training.state import build_training_state
 
 FP32 = 4
 FP64 = 8
 PROBE_SEQ_LEN = 1024
-
-
-@dataclass(frozen=True)
-class Layout:
-    pp: int = 1
-    dp_replicate: int = 1
-    dp_shard: int = 1
-    cp: int = 1
-    tp: int = 1
-
-    @property
-    def world_size(self) -> int:
-        return self.pp * self.dp_replicate * self.dp_shard * self.cp * self.tp
-
-    def __str__(self) -> str:
-        return " x ".join(f"{name}={value}" for name, value in dataclasses.asdict(self).items() if value > 1) or "1 rank"
 
 
 @dataclass
@@ -104,13 +89,8 @@ class ParameterCounts:
         return self.root + sum(self.units)
 
 
-def _build_meta(cfg: Config) -> torch.nn.Module:
-    with torch.device("meta"):
-        return BLT(cfg.model.blt) if cfg.model.arch == "blt" else ByteLM(cfg.model.entropy)
-
-
 def count_parameters(cfg: Config) -> ParameterCounts:
-    model = _build_meta(cfg)
+    model = meta_model(cfg.model)
     units = [m for m in model.modules() if isinstance(m, (TransformerBlock, CrossAttention))]
     in_units = {id(p) for m in units for p in m.parameters()}
     root = sum(p.numel() for p in model.parameters() if id(p) not in in_units)
@@ -131,30 +111,30 @@ def _section(cfg: Config):
 
 def _probe_activation_bytes(cfg: Config, layers: dict[str, int], seq_len: int) -> int:
     """Peak tensor bytes above the parameters of one forward+backward, micro-batch 1, on CPU."""
-    from bltdist.patcher import Patcher
-    from bltdist.train import build_model
-
-    probe = dataclasses.replace(cfg)
-    probe.model = dataclasses.replace(cfg.model)
-    probe.model.blt = dataclasses.replace(cfg.model.blt, hash_vocab=min(cfg.model.blt.hash_vocab, 1024), kernels="torch")
-    probe.model.entropy = dataclasses.replace(cfg.model.entropy)
+    probe = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, entropy=dataclasses.replace(cfg.model.entropy), blt=dataclasses.replace(
+            cfg.model.blt, hash_vocab=min(cfg.model.blt.hash_vocab, 1024), kernels="torch")),
+        # Static patches: an entropy model is not needed to measure what a layer holds per byte.
+        patching=dataclasses.replace(cfg.patching, mode="static"),
+        train=dataclasses.replace(cfg.train, micro_batch_size=1, global_batch_size=1, seq_len=seq_len, device="cpu",
+                                  dtype="float32", compile=False, activation_checkpointing=False),
+        parallel=ParallelConfig(),
+        checkpoint=dataclasses.replace(cfg.checkpoint, init_from=None),
+    )  # fmt: skip
     for key, count in layers.items():
         setattr(_section(probe), key, count)
-    probe.checkpoint = dataclasses.replace(cfg.checkpoint, init_from=None)
-    model = build_model(probe, torch.device("cpu"))
-    for parameter in model.parameters():
+    state = build_training_state(probe, world_size=1)
+    for parameter in state.parameters:
         # Gradients are states, estimated separately: drop each as soon as it is complete.
         parameter.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
     tokens = torch.randint(4, 260, (1, seq_len + 1), generator=torch.Generator().manual_seed(0))
     tokens[:, 0] = 1
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    lengths = Patcher(probe.patching, torch.device("cpu"))(inputs) if cfg.model.arch == "blt" else None
-    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    parameter_bytes = sum(p.numel() * p.element_size() for p in state.parameters)
     tracker = PeakTensorMemory()
     with tracker:
-        tracker.track(list(model.parameters()))
-        logits = model(inputs) if lengths is None else model(inputs, lengths)
-        torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").backward()
+        tracker.track(state.parameters)
+        state.stepper.forward_backward(tokens[:, :-1], tokens[:, 1:], None)
     return tracker.peak_bytes - parameter_bytes
 
 
@@ -177,7 +157,7 @@ class ActivationModel:
         base_per_byte = base / seq_len - sum(per_layer.values())
         return cls(base_per_byte, per_layer, seq_len)
 
-    def bytes_per_rank(self, cfg: Config, layout: Layout, pipeline_microbatches: int) -> float:
+    def bytes_per_rank(self, cfg: Config, layout: ParallelDims, pipeline_microbatches: int) -> float:
         section = _section(cfg)
         rows_bytes = cfg.train.micro_batch_size * cfg.train.seq_len / layout.cp
         layers = sum(self.per_layer_per_byte[key] * getattr(section, key) for key in self.per_layer_per_byte)
@@ -193,7 +173,7 @@ class Estimate:
     are what is alive with the activations at the start of backward; ``step_extra`` is what the
     optimizer step adds to the states instead (sharded gradients and the step's temporaries)."""
 
-    layout: Layout
+    layout: ParallelDims
     micro_batch: int
     states: float
     gradients: float
@@ -216,7 +196,7 @@ class Estimate:
         return max(self.backward_start, self.optimizer_step)
 
 
-def estimate(cfg: Config, layout: Layout, counts: ParameterCounts, activations: ActivationModel,
+def estimate(cfg: Config, layout: ParallelDims, counts: ParameterCounts, activations: ActivationModel,
              gpus_per_node: int, compute_bytes: int) -> Estimate:  # fmt: skip
     """Per-rank memory (bytes) of ``layout`` and its speed relative to an ideal layout (1.0)."""
     shard = layout.dp_shard * layout.cp
@@ -228,8 +208,8 @@ def estimate(cfg: Config, layout: Layout, counts: ParameterCounts, activations: 
     local_params = unsharded_params / shard
     states = local_params * FP32 * 3  # parameters and two AdamW moments
     uses_fsdp = layout.dp_replicate * shard > 1
-    microbatches = cfg.parallel.pp_microbatches or layout.pp
-    accumulates = grad_accum_steps(cfg, layout.world_size) > 1 or microbatches > 1
+    microbatches = layout.pp_microbatches if layout.pp > 1 else 1
+    accumulates = layout.grad_accum_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size) > 1 or microbatches > 1
     gradients = 0.0
     if accumulates:
         # Earlier micro-batches' gradients wait for the last one; FSDP keeps them unreduced.
@@ -271,45 +251,45 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def layout_config(cfg: Config, layout: Layout) -> Config | None:
-    """``cfg`` run as ``layout``: micro-batch lowered if the data-parallel ranks need it to share
-    the global batch; None when the model shape or the batch does not allow the layout."""
-    data_parallel = layout.dp_replicate * layout.dp_shard
-    if cfg.train.global_batch_size % data_parallel:
+def layout_config(cfg: Config, layout: ParallelDims) -> tuple[ParallelDims, Config] | None:
+    """``cfg`` run as ``layout`` (its degrees), with the micro-batch lowered if the data-parallel
+    ranks need it to share the global batch, and the layout as the trainer resolves it; None when
+    the model shape or the batch does not allow the layout."""
+    if cfg.train.global_batch_size % layout.dp:
         return None
-    micro_batch = min(cfg.train.micro_batch_size, cfg.train.global_batch_size // data_parallel)
-    parallel = dataclasses.replace(cfg.parallel, **dataclasses.asdict(layout))
+    micro_batch = min(cfg.train.micro_batch_size, cfg.train.global_batch_size // layout.dp)
+    parallel = dataclasses.replace(cfg.parallel, **layout.sizes())
     candidate = dataclasses.replace(cfg, parallel=parallel, train=dataclasses.replace(cfg.train, micro_batch_size=micro_batch))
     try:
-        check_layout(candidate, layout.world_size)
+        dims = ParallelDims.from_config(candidate, layout.world_size)
     except ConfigError:
         return None
     section = _section(cfg)
     fewest_layers = min(getattr(section, key) for key in _layer_keys(cfg))
     if layout.pp > fewest_layers or (layout.cp > 1 and cfg.train.seq_len % (2 * layout.cp * layout.tp)):
         return None  # a stage needs layers of each kind; CP cuts each sequence into 2 x cp chunks
-    return candidate
+    return dims, candidate
 
 
-def candidate_layouts(cfg: Config, gpus: int) -> list[tuple[Layout, Config]]:
+def candidate_layouts(cfg: Config, gpus: int) -> list[tuple[ParallelDims, Config]]:
     """Every layout of ``gpus`` ranks that the model shape and the batch allow, with its config."""
     found = []
     for pp in _divisors(gpus):
         for tp in _divisors(gpus // pp):
             for cp in _divisors(gpus // pp // tp):
                 for dp_replicate in _divisors(gpus // pp // tp // cp):
-                    layout = Layout(pp, dp_replicate, gpus // (pp * tp * cp * dp_replicate), cp, tp)
-                    candidate = layout_config(cfg, layout)
-                    if candidate is not None:
-                        found.append((layout, candidate))
+                    layout = ParallelDims(pp, dp_replicate, gpus // (pp * tp * cp * dp_replicate), cp, tp)
+                    resolved = layout_config(cfg, layout)
+                    if resolved is not None:
+                        found.append(resolved)
     return found
 
 
 def plan(cfg: Config, gpus: int, gpu_mem_gb: float, gpus_per_node: int, dtype_bytes: int) -> tuple[list[Estimate], str]:
     counts = count_parameters(cfg)
     activations = ActivationModel.probe(cfg)
-    estimates = [estimate(candidate, layout, counts, activations, gpus_per_node, dtype_bytes)
-                 for layout, candidate in candidate_layouts(cfg, gpus)]  # fmt: skip
+    estimates = [estimate(candidate, dims, counts, activations, gpus_per_node, dtype_bytes)
+                 for dims, candidate in candidate_layouts(cfg, gpus)]  # fmt: skip
     budget = gpu_mem_gb * 1e9
     fitting = [e for e in estimates if e.total <= budget]
     # Among equally fast layouts, prefer less replication (more sharding frees memory for batch).

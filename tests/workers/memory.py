@@ -3,34 +3,24 @@ parallelised model (``bltdist.memtrack`` definition) and has rank 0 write every 
 to argv[1]. Run as ``torchrun ... memory.py OUT [--config overrides]`` or as one process."""
 
 import json
-import os
 import sys
 
 import torch
 import torch.distributed as dist
 
-from bltdist.config import grad_accum_steps, load_config, parse_args
+from bltdist.config import load_config, parse_args
 from bltdist.memtrack import PeakTensorMemory
-from bltdist.parallel import ParallelDims, build_mesh, check_layout, clip_grad_norm
-from bltdist.train import Patcher, Stepper, build_model, build_optimizer, parallelize
+from bltdist.parallel.grads import clip_grad_norm
+from bltdist.training.state import build_training_state
 
 
 def main() -> None:
     out, overrides = sys.argv[1], sys.argv[2:]
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = load_config(*parse_args(overrides))
-    check_layout(cfg, world_size)
-    dims = ParallelDims.from_config(cfg, world_size)
-    mesh = None
-    if world_size > 1:
-        dist.init_process_group("gloo")
-        mesh = build_mesh(dims, "cpu")
-    device = torch.device("cpu")
-    model = build_model(cfg, device)
-    model_parts = parallelize(model, cfg, dims, mesh, bf16=False)
-    optimizer = build_optimizer(model_parts, cfg, device)
-    stepper = Stepper(model_parts, cfg, dims, mesh, Patcher(cfg.patching, device), torch.autocast("cpu", enabled=False), device)
-    accum = grad_accum_steps(cfg, world_size)
+    state = build_training_state(cfg)
+    dims, model_parts, optimizer, stepper = state.dims, state.model_parts, state.optimizer, state.stepper
+    world_size = dims.world_size
+    accum = dims.grad_accum_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size)
     generator = torch.Generator().manual_seed(0)
     shape = (cfg.train.micro_batch_size, cfg.train.seq_len + 1)
     tracker = PeakTensorMemory()
@@ -60,13 +50,10 @@ def main() -> None:
         peaks, phases = [0] * world_size, [""] * world_size
         dist.all_gather_object(peaks, tracker.peak_bytes)
         dist.all_gather_object(phases, tracker.peak_phase)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if state.rank == 0:
         with open(out, "w") as f:
             json.dump({"peak_bytes_per_rank": peaks, "peak_phase_per_rank": phases}, f)
-    if world_size > 1:
-        # gloo aborts a process whose peers tear down while its transport threads still run.
-        dist.barrier()
-        dist.destroy_process_group()
+    state.close()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Training data: document sources, the train/held-out split and the packed sequence loader."""
 
-from bltdist.data.loader import EntropySource, PackedByteLoader, document_tokens
+from bltdist.data.loader import EntropySource, PackedByteLoader
 from bltdist.data.sources import iter_documents, list_files, load_documents, split_documents
 
 
@@ -12,7 +12,6 @@ def build_datasets(path: str | None, text_field: str, val_fraction: float) -> tu
 __all__ = [
     "EntropySource",
     "PackedByteLoader",
-    "document_tokens",
     "build_datasets",
     "iter_documents",
     "list_files",

@@ -7,7 +7,7 @@ once. Sequence g belongs to data-parallel rank (g // micro_batch_size) % dp_size
 global batch [step*G, (step+1)*G) the same sequences for every layout with G sequences per step.
 
 With an entropy source the loader also serves, for every input token, the next-byte entropy of the
-entropy model. Entropies belong to documents, not to sequences (see ``bltdist.patcher``): the
+entropy model. Entropies belong to documents, not to sequences (see ``bltdist.patching.entropy``): the
 loader finds which documents a sequence window covers and asks the source for exactly those
 spans, so a sequence that starts mid-document gets the same entropies as the whole document would.
 """
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from bltdist.errors import DataError
-from bltdist.patching import BOS_ID, BYTE_OFFSET, EOS_ID
+from bltdist.patching.tokens import document_tokens
 
 STATE_VERSION = 1
 
@@ -29,14 +29,6 @@ class EntropySource(Protocol):
 
     def span(self, document_index: int, start: int, stop: int) -> np.ndarray:
         """float32 entropies of tokens [start, stop) of document ``document_index`` ([BOS] + bytes + [EOS])."""
-
-
-def document_tokens(document: bytes) -> np.ndarray:
-    """One document as the loader tokenises it: [BOS] + bytes + [EOS], int16."""
-    tokens = np.empty(len(document) + 2, dtype=np.int16)
-    tokens[0], tokens[-1] = BOS_ID, EOS_ID
-    tokens[1:-1] = np.frombuffer(document, dtype=np.uint8).astype(np.int16) + BYTE_OFFSET
-    return tokens
 
 
 class PackedByteLoader:
@@ -226,15 +218,6 @@ class PackedByteLoader:
 
 def _tokenise(documents: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     """All documents as one int16 token array in the given order, and each document's [start, end)."""
-    byte_lengths = np.fromiter((len(d) for d in documents), dtype=np.int64, count=len(documents))
-    token_lengths = byte_lengths + 2
     bounds = np.zeros(len(documents) + 1, dtype=np.int64)
-    np.cumsum(token_lengths, out=bounds[1:])
-    tokens = np.empty(int(bounds[-1]), dtype=np.int16)
-    is_byte = np.ones(len(tokens), dtype=bool)
-    is_byte[bounds[:-1]] = False
-    is_byte[bounds[1:] - 1] = False
-    tokens[is_byte] = np.frombuffer(b"".join(documents), dtype=np.uint8).astype(np.int16) + BYTE_OFFSET
-    tokens[bounds[:-1]] = BOS_ID
-    tokens[bounds[1:] - 1] = EOS_ID
-    return tokens, bounds
+    np.cumsum([len(d) + 2 for d in documents], out=bounds[1:])
+    return np.concatenate([document_tokens(d) for d in documents]), bounds

@@ -21,6 +21,7 @@ import functools
 import importlib.util
 import math
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,15 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     return requested
 
 
+class AttentionMask(Protocol):
+    """What the model's self-attention takes: who may see whom, and how to compute it. The model
+    calls only ``attend``; context parallelism (``bltdist.parallel.context``) supplies masks whose
+    ``attend`` brings in keys held by other ranks, without the model knowing about process groups."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: (B, T, H, D); k, v: (B, T, Hkv, D) with Hkv dividing H. Returns (B, T, H, D)."""
+
+
 @dataclass
 class SelfAttentionMask:
     """Causal + sliding-window + same-document visibility, shared by all layers of one forward."""
@@ -59,6 +69,13 @@ class SelfAttentionMask:
     def seq_len(self) -> int:
         return self.doc_ids.shape[1]
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.backend == "flash":
+            return _flash_attention(q, k, v, self)
+        if self.backend == "flex":
+            return _flex_attention(q, k, v, self)
+        return _blocked_sdpa(q, k, v, self)
+
     def visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         """Boolean (B, 1, len(q_pos), len(k_pos)) visibility for the given positions."""
         same_doc = self.doc_ids[:, q_pos, None] == self.doc_ids[:, None, k_pos]
@@ -67,22 +84,6 @@ class SelfAttentionMask:
         if self.window is not None:
             allowed = allowed & (delta < self.window)
         return (same_doc & allowed).unsqueeze(1)
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
-    """q: (B, T, H, D); k, v: (B, T, Hkv, D) with Hkv dividing H. Returns (B, T, H, D).
-
-    ``mask`` is a SelfAttentionMask, or an object that computes attention itself through
-    ``mask.attend(q, k, v)``: that is how context parallelism (``bltdist.parallel.context``)
-    brings in keys held by other ranks without the model knowing about process groups.
-    """
-    if not isinstance(mask, SelfAttentionMask):
-        return mask.attend(q, k, v)
-    if mask.backend == "flash":
-        return _flash_attention(q, k, v, mask)
-    if mask.backend == "flex":
-        return _flex_attention(q, k, v, mask)
-    return _blocked_sdpa(q, k, v, mask)
 
 
 def _query_blocks(mask: SelfAttentionMask, device: torch.device) -> list[tuple[int, int, int, torch.Tensor]]:

@@ -29,20 +29,14 @@ import torch.nn as nn
 from bltdist.model.attention import SelfAttentionMask, resolve_backend
 from bltdist.model.hash_embedding import HashNgramEmbedding
 from bltdist.model.layers import CrossAttention, RMSNorm, TransformerBlock, rotary_table
+from bltdist.patching.tokens import document_ids
 
 if TYPE_CHECKING:
     from bltdist.config import BLTConfig, EntropyModelConfig
 
-BOS_ID = 1
-
 
 def default_ffn_dim(dim: int) -> int:
     return int(8 * dim / 3)
-
-
-def document_ids(tokens: torch.Tensor) -> torch.Tensor:
-    """Document index of each position: the number of BOS tokens at or before it."""
-    return torch.cumsum(tokens == BOS_ID, dim=1)
 
 
 @dataclass
@@ -108,13 +102,20 @@ def _blocks(count: int, dim: int, heads: int, kv_heads: int | None, ffn_dim: int
     )
 
 
+def _cross_attentions(cfg: BLTConfig, count: int) -> nn.ModuleList:
+    kv_heads = cfg.local_kv_heads or cfg.local_heads
+    return nn.ModuleList(
+        CrossAttention(cfg.local_dim, cfg.local_heads, kv_heads, cfg.norm_eps, cfg.cross_attn_double_residual, cfg.kernels)
+        for _ in range(count)
+    )
+
+
 class LocalEncoder(nn.Module):
     def __init__(self, cfg: BLTConfig):
         super().__init__()
         self.dim, self.slots, self.rope_theta = cfg.local_dim, cfg.cross_attn_k, cfg.rope_theta
         self.all_layers_cross = cfg.encoder_cross_attn_all_layers
         self.repool_slots = cfg.encoder_cross_attn_repool
-        kv_heads = cfg.local_kv_heads or cfg.local_heads
         self.byte_embedding = nn.Embedding(cfg.vocab_size, cfg.local_dim)
         self.hash_embedding = HashNgramEmbedding(
             cfg.hash_ngram_sizes, cfg.hash_functions, cfg.hash_vocab, cfg.local_dim, cfg.kernels
@@ -123,13 +124,7 @@ class LocalEncoder(nn.Module):
             cfg.encoder_layers, cfg.local_dim, cfg.local_heads, cfg.local_kv_heads, cfg.encoder_ffn_dim, cfg.norm_eps
         )
         self.slot_proj = nn.Linear(cfg.local_dim, cfg.cross_attn_k * cfg.local_dim, bias=False)
-        num_cross = cfg.encoder_layers if self.all_layers_cross else 1
-        self.cross_attn = nn.ModuleList(
-            CrossAttention(
-                cfg.local_dim, cfg.local_heads, kv_heads, cfg.norm_eps, cfg.cross_attn_double_residual, cfg.kernels
-            )
-            for _ in range(num_cross)
-        )
+        self.cross_attn = _cross_attentions(cfg, cfg.encoder_layers if self.all_layers_cross else 1)
 
     def forward(self, tokens: torch.Tensor, layout: PatchLayout) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns byte states (B, T, dim) and patch slots (B, P, S, dim)."""
@@ -165,19 +160,22 @@ class LocalEncoder(nn.Module):
 class GlobalTransformer(nn.Module):
     def __init__(self, cfg: BLTConfig):
         super().__init__()
-        self.dim, self.rope_theta = cfg.global_dim, cfg.rope_theta
+        self.dim, self.rope_theta, self.head_dim = cfg.global_dim, cfg.rope_theta, cfg.global_dim // cfg.global_heads
         in_dim = cfg.cross_attn_k * cfg.local_dim
         self.in_proj = nn.Linear(in_dim, cfg.global_dim, bias=False) if in_dim != cfg.global_dim else None
-        self.layers = _blocks(
+        blocks = _blocks(
             cfg.global_layers, cfg.global_dim, cfg.global_heads, cfg.global_kv_heads, cfg.global_ffn_dim, cfg.norm_eps
         )
+        # Keyed by index, so that a pipeline stage holding layers 3..5 keeps their names (layers.3, ...).
+        self.layers = nn.ModuleDict({str(i): block for i, block in enumerate(blocks)})
         self.norm = RMSNorm(cfg.global_dim, cfg.norm_eps) if cfg.global_final_norm else None
 
     def forward(self, patch_inputs: torch.Tensor, layout: PatchLayout) -> torch.Tensor:
-        """patch_inputs: (B, P, S * local_dim) -> (B, P, global_dim)."""
+        """patch_inputs: (B, P, S * local_dim) -> (B, P, global_dim). A pipeline stage may hold
+        only some layers, and in_proj only on the first stage, the norm only on the last."""
         h = self.in_proj(patch_inputs) if self.in_proj is not None else patch_inputs
-        rope = rotary_table(layout.patch_positions, self.dim // self.layers[0].attn.heads, self.rope_theta)
-        for layer in self.layers:
+        rope = rotary_table(layout.patch_positions, self.head_dim, self.rope_theta)
+        for layer in self.layers.values():
             h = layer(h, rope, layout.patch_mask)
         return self.norm(h) if self.norm is not None else h
 
@@ -187,15 +185,8 @@ class LocalDecoder(nn.Module):
         super().__init__()
         self.dim, self.slots, self.rope_theta = cfg.local_dim, cfg.cross_attn_k, cfg.rope_theta
         self.all_layers_cross = cfg.decoder_cross_attn_all_layers
-        kv_heads = cfg.local_kv_heads or cfg.local_heads
         self.slot_proj = nn.Linear(cfg.global_dim, cfg.cross_attn_k * cfg.local_dim, bias=False)
-        num_cross = cfg.decoder_layers if self.all_layers_cross else 1
-        self.cross_attn = nn.ModuleList(
-            CrossAttention(
-                cfg.local_dim, cfg.local_heads, kv_heads, cfg.norm_eps, cfg.cross_attn_double_residual, cfg.kernels
-            )
-            for _ in range(num_cross)
-        )
+        self.cross_attn = _cross_attentions(cfg, cfg.decoder_layers if self.all_layers_cross else 1)
         self.layers = _blocks(
             cfg.decoder_layers, cfg.local_dim, cfg.local_heads, cfg.local_kv_heads, cfg.decoder_ffn_dim, cfg.norm_eps
         )
@@ -235,19 +226,32 @@ class BLT(nn.Module):
         init_weights(self, self.cfg.init_std)
 
     def forward(
-        self, tokens: torch.Tensor, patch_lengths: torch.Tensor, layout: PatchLayout | None = None
-    ) -> torch.Tensor:
+        self,
+        tokens: torch.Tensor,
+        patch_lengths: torch.Tensor,
+        layout: PatchLayout | None = None,
+        patch_states: torch.Tensor | None = None,
+        byte_states: torch.Tensor | None = None,
+    ):
         """tokens: (B, T) byte ids; patch_lengths: (B, P), each row summing to T, zero-padded on
         the right. Returns fp32 logits (B, T, vocab) predicting the next byte.
 
         ``layout`` replaces the one built from tokens and patch_lengths; a context-parallel layout
-        makes the logits those of the rank's bytes only, (B, layout's byte count, vocab)."""
+        makes the logits those of the rank's bytes only, (B, layout's byte count, vocab).
+        A pipeline stage is a BLT without the parts other stages hold: without the encoder it starts
+        from ``patch_states`` and ``byte_states``, without the decoder it returns them."""
         if layout is None:
-            backend = resolve_backend(self.attention_backend, tokens.device)
-            layout = PatchLayout.build(tokens, patch_lengths, self.cfg.local_window, backend)
-        byte_states, slots = self.encoder(tokens, layout)
-        patch_states = self.global_model(slots.flatten(-2), layout)
+            layout = PatchLayout.build(tokens, patch_lengths, self.cfg.local_window, self.backend(tokens.device))
+        if self.encoder is not None:
+            byte_states, slots = self.encoder(tokens, layout)
+            patch_states = slots.flatten(-2)
+        patch_states = self.global_model(patch_states, layout)
+        if self.decoder is None:
+            return patch_states, byte_states
         return self.decoder(byte_states, patch_states, layout)
+
+    def backend(self, device: torch.device) -> str:
+        return resolve_backend(self.attention_backend, device)
 
 
 class ByteLM(nn.Module):

@@ -7,12 +7,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bltdist import kernels
-from bltdist.model.attention import (
-    SelfAttentionMask,
-    attention,
-    byte_to_slot_attention,
-    patch_pool_attention,
-)
+from bltdist.model.attention import AttentionMask, byte_to_slot_attention, patch_pool_attention
+
+# The PyTorch references of the fused kernels, under the kernels' names.
+REFERENCE_CROSS_ATTENTION = {
+    "patch_pool_attention": patch_pool_attention,
+    "byte_to_slot_attention": byte_to_slot_attention,
+}
 
 
 class RMSNorm(nn.Module):
@@ -54,13 +55,13 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(heads * self.head_dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rope, mask: SelfAttentionMask) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, mask: AttentionMask) -> torch.Tensor:
         # Head counts are read off the projections' widths, so a tensor-parallel shard holding
         # heads / tp of them runs this same code.
         q = apply_rotary(self.q_proj(x).unflatten(-1, (-1, self.head_dim)), rope)
         k = apply_rotary(self.k_proj(x).unflatten(-1, (-1, self.head_dim)), rope)
         v = self.v_proj(x).unflatten(-1, (-1, self.head_dim))
-        return self.o_proj(attention(q, k, v, mask).flatten(-2))
+        return self.o_proj(mask.attend(q, k, v).flatten(-2))
 
 
 class SwiGLU(nn.Module):
@@ -84,7 +85,7 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(dim, eps)
         self.ffn = SwiGLU(dim, ffn_dim)
 
-    def forward(self, x: torch.Tensor, rope, mask: SelfAttentionMask) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, mask: AttentionMask) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), rope, mask)
         return x + self.ffn(self.ffn_norm(x))
 
@@ -109,30 +110,22 @@ class CrossAttention(nn.Module):
         self.v_proj = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(heads * self.head_dim, dim, bias=False)
 
-    def _project(self, queries: torch.Tensor, keys_values: torch.Tensor):
+    def _attend(self, queries: torch.Tensor, keys_values: torch.Tensor, index: torch.Tensor, kind: str) -> torch.Tensor:
         # Head counts come from the projections' widths, as in SelfAttention (tensor-parallel shards).
         q = self.q_proj(self.q_norm(queries)).unflatten(-1, (-1, self.head_dim))
         kv = self.kv_norm(keys_values)
         k = self.k_proj(kv).unflatten(-1, (-1, self.head_dim))
         v = self.v_proj(kv).unflatten(-1, (-1, self.head_dim))
-        return q, k, v
-
-    def _output(self, attended: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        attended = kernels.fused(self.kernels, kind, q, k, v, index)
+        if attended is None:
+            attended = REFERENCE_CROSS_ATTENTION[kind](q, k, v, index)
         out = self.o_proj(attended.flatten(-2))
         return out + queries if self.double_residual else out
 
     def pool(self, slots: torch.Tensor, byte_states: torch.Tensor, patch_ids: torch.Tensor) -> torch.Tensor:
         """slots: (B, P, S, dim) attend to their own patch's bytes in byte_states: (B, T, dim)."""
-        q, k, v = self._project(slots, byte_states)
-        attended = kernels.fused(self.kernels, "patch_pool_attention", q, k, v, patch_ids)
-        if attended is None:
-            attended = patch_pool_attention(q, k, v, patch_ids)
-        return self._output(attended, slots)
+        return self._attend(slots, byte_states, patch_ids, "patch_pool_attention")
 
     def unpool(self, byte_states: torch.Tensor, slots: torch.Tensor, source_patch: torch.Tensor) -> torch.Tensor:
         """byte_states: (B, T, dim) attend to the slots (B, P, S, dim) of patch source_patch[t]."""
-        q, k, v = self._project(byte_states, slots)
-        attended = kernels.fused(self.kernels, "byte_to_slot_attention", q, k, v, source_patch)
-        if attended is None:
-            attended = byte_to_slot_attention(q, k, v, source_patch)
-        return self._output(attended, byte_states)
+        return self._attend(byte_states, slots, source_patch, "byte_to_slot_attention")

@@ -48,7 +48,7 @@ def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float, stage_size: 
     return total
 
 
-def _clean_name(name: str) -> str:
+def clean_name(name: str) -> str:
     # Activation-checkpoint and compile wrappers insert these into parameter names.
     for wrapper in ("_checkpoint_wrapped_module.", "_orig_mod."):
         name = name.replace(wrapper, "")

@@ -4,7 +4,7 @@ Global transformer (most of the FLOPs): Megatron-style column-parallel q/k/v and
 row-parallel o and down, plus sequence parallelism: between blocks each rank holds P / tp of the
 patch positions, the RMSNorms run on that shard, and the patch sequence is all-gathered before
 attention/FFN and reduce-scattered after. The patch count is padded to a multiple of tp by the
-trainer (padding patches are inert, see ``pad_patch_lengths``).
+trainer (padding patches are inert, see ``bltdist.patching.pad_patch_lengths``).
 
 Local encoder, decoder and cross-attentions: sharded the same way (heads and FFN width split
 across tp ranks) but without sequence parallelism. Their byte stream stays replicated because
@@ -109,15 +109,3 @@ def _parallelize_global(global_model: nn.Module, tp_mesh: DeviceMesh) -> None:
                 tp_mesh,
                 PrepareModuleOutput(output_layouts=Shard(1), desired_output_layouts=Replicate(), use_local_output=True),
             )
-
-
-def pad_patch_lengths(patch_lengths: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Right-pad (B, P) patch lengths with zero-length patches to a multiple of ``multiple``.
-
-    Zero-length patches hold no bytes: they pool nothing, no byte reads them in the decoder, and
-    they form a document of their own in the global model, so real patches never see them.
-    """
-    missing = -patch_lengths.shape[1] % multiple
-    if missing == 0:
-        return patch_lengths
-    return torch.nn.functional.pad(patch_lengths, (0, missing))

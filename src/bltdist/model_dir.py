@@ -1,41 +1,25 @@
 """Model directories: ``config.yaml`` (the run's resolved config) + ``model.safetensors``.
 
-A training run writes one under ``output_dir/checkpoints/step_N`` and the trainer can start from
-one with ``--checkpoint.init_from DIR``. Writes are atomic: everything goes into a temporary
-sibling directory that is fsynced and then renamed, so a crash mid-save leaves the previous
-checkpoint untouched and never a half-written one under the final name.
+What a finished run leaves in ``output_dir/model``, what ``--checkpoint.init_from DIR``,
+``bltdist.load_pretrained`` and the converters read. (Training checkpoints, sharded and with
+optimizer state, are ``bltdist.training.checkpoint``.) Writes are atomic (``bltdist.atomic``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from bltdist.atomic import atomic_directory
+from bltdist.config import load_config, save_config
 from bltdist.errors import UserError
+from bltdist.model import BLT, ByteLM
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def save_model_dir(model: torch.nn.Module, cfg, path: str | Path) -> Path:
-    """Write ``model``'s weights and ``cfg`` to ``path`` atomically; returns the final path."""
-    return save_weights_dir(model.state_dict(), cfg, path)
 
 
 def save_weights_dir(tensors: dict[str, torch.Tensor], cfg, path: str | Path) -> Path:
@@ -47,33 +31,8 @@ def save_weights_dir(tensors: dict[str, torch.Tensor], cfg, path: str | Path) ->
 
 def write_model_files(tensors: dict[str, torch.Tensor], cfg, directory: Path) -> None:
     """Write named tensors (each kept in its dtype) and ``cfg`` into ``directory`` as a model directory."""
-    from bltdist.config import save_config
-
     save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, directory / WEIGHTS_FILE)
     save_config(cfg, directory / CONFIG_FILE)
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Yields an empty staging directory; when the block succeeds its files are fsynced and it
-    replaces ``path`` with one rename, when the block fails it is removed and ``path`` is untouched."""
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield staging
-        for directory, _, files in os.walk(staging):
-            for name in files:
-                with open(Path(directory) / name, "rb") as handle:
-                    os.fsync(handle.fileno())
-            fsync_dir(Path(directory))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        fsync_dir(final.parent)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def read_safetensors(weights_file: Path) -> dict[str, torch.Tensor]:
@@ -109,9 +68,6 @@ def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
 def load_pretrained(path: str | Path, attention_backend: str = "auto") -> torch.nn.Module:
     """The model of a bltdist model directory, on the CPU in eval mode: a ``BLT`` (call it with byte
     ids (B, T) and patch lengths (B, P) for logits (B, T, 260)) or, for an entropy model, a ``ByteLM``."""
-    from bltdist.config import load_config
-    from bltdist.model import BLT, ByteLM
-
     config_file = Path(path) / CONFIG_FILE
     if not config_file.is_file():
         raise UserError(f"{config_file}: not found; expected a bltdist model directory (config.yaml + {WEIGHTS_FILE})")
@@ -124,3 +80,10 @@ def load_pretrained(path: str | Path, attention_backend: str = "auto") -> torch.
     model.to_empty(device="cpu")
     load_model_weights(model, path)
     return model.eval()
+
+
+def check_model_dir(key: str, path: str) -> None:
+    """UserError naming the config ``key`` when ``path`` is not a model directory."""
+    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (Path(path) / name).is_file()]
+    if missing:
+        raise UserError(f"{key}: {path} is not a bltdist model directory (missing {', '.join(missing)})")

@@ -1,4 +1,4 @@
-"""Patching in training: the entropy model, where its entropies come from, and the patcher.
+"""The entropy model: a trained model directory, and its entropies computed online per document chunk.
 
 How entropies are defined (the one rule that online and precomputed patching share): the entropy
 of a token is a function of its document alone. A document is tokenised as the loader does it,
@@ -22,12 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bltdist.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_model_weights
-from bltdist.config import PatchingConfig
-from bltdist.data.loader import EntropySource
+from bltdist.config import load_config
 from bltdist.errors import ConfigError, UserError
 from bltdist.model import ByteLM
-from bltdist.patching import BOS_ID, BYTE_OFFSET, EOS_ID, patch_lengths, patch_starts
+from bltdist.model_dir import CONFIG_FILE, WEIGHTS_FILE, load_model_weights
+from bltdist.patching.tokens import document_tokens
 
 # Chunks kept by an online source: consecutive sequences share the chunk at their boundary.
 ONLINE_CACHE_CHUNKS = 256
@@ -45,8 +44,6 @@ class EntropyModel:
         self.directory = Path(directory)
         self.device = torch.device(device)
         _check_entropy_model_dir(self.directory, key)
-        from bltdist.config import load_config
-
         try:
             run_config = load_config(str(self.directory / CONFIG_FILE), [])
         except ConfigError as error:
@@ -90,7 +87,7 @@ class EntropyModel:
 
     def chunk_entropies(self, document: bytes, chunk: int) -> np.ndarray:
         """float32 entropies of tokens [chunk * context, (chunk + 1) * context) of ``document``."""
-        tokens = _chunk_tokens(document, chunk, self.context)
+        tokens = document_tokens(document, chunk * self.context, (chunk + 1) * self.context)
         row = torch.from_numpy(tokens).long().to(self.device).unsqueeze(0)
         return self.network.entropies(row)[0].float().cpu().numpy()
 
@@ -124,70 +121,6 @@ class OnlineEntropies:
             if len(self._chunks) > ONLINE_CACHE_CHUNKS:
                 self._chunks.popitem(last=False)
         return self._chunks[key]
-
-
-class Patcher:
-    """Cuts a batch of tokens into patches by the configured rule; returns lengths (B, P).
-
-    In entropy mode it also says where the loader gets entropies: from ``patching.entropies``
-    (the output of ``python -m bltdist.patch precompute``) when set, else from the entropy model
-    run online. Both give the same entropies, hence the same patches.
-    """
-
-    def __init__(self, cfg: PatchingConfig, device: torch.device | str = "cpu"):
-        self.cfg = cfg
-        self.entropy_model = None
-        self.precomputed = None
-        if cfg.mode == "entropy":
-            self.entropy_model = EntropyModel(cfg.entropy_model, device, key="patching.entropy_model")
-            if cfg.entropies is not None:
-                from bltdist.entropy_store import PrecomputedEntropies
-
-                self.precomputed = PrecomputedEntropies(cfg.entropies, self.entropy_model, key="patching.entropies")
-
-    @property
-    def needs_entropies(self) -> bool:
-        return self.entropy_model is not None
-
-    def entropy_source(self, documents: list[bytes]) -> EntropySource | None:
-        """Entropies of ``documents`` for a PackedByteLoader, or None when the mode needs none."""
-        if self.entropy_model is None:
-            return None
-        if self.precomputed is not None:
-            return self.precomputed.source(documents)
-        return OnlineEntropies(self.entropy_model, documents)
-
-    def starts(self, tokens: torch.Tensor, entropies: torch.Tensor | None = None) -> torch.Tensor:
-        if self.needs_entropies and entropies is None:
-            raise ValueError("entropy patching needs the entropies the loader serves with the tokens")
-        return patch_starts(
-            tokens,
-            self.cfg.mode,
-            patch_size=self.cfg.patch_size,
-            entropies=entropies,
-            threshold=self.cfg.threshold,
-            threshold_mode=self.cfg.threshold_mode,
-            max_patch_length=self.cfg.max_patch_length,
-        )
-
-    def __call__(self, tokens: torch.Tensor, entropies: torch.Tensor | None = None) -> torch.Tensor:
-        return patch_lengths(self.starts(tokens, entropies))
-
-
-def _chunk_tokens(document: bytes, chunk: int, context: int) -> np.ndarray:
-    """Tokens [chunk * context, (chunk + 1) * context) of [BOS] + document + [EOS], int16."""
-    first = chunk * context
-    last = min(first + context, len(document) + 2)
-    tokens = np.empty(last - first, dtype=np.int16)
-    byte_lo, byte_hi = max(first - 1, 0), min(last - 1, len(document))
-    body = np.frombuffer(document[byte_lo:byte_hi], dtype=np.uint8).astype(np.int16) + BYTE_OFFSET
-    offset = 1 if first == 0 else 0
-    if first == 0:
-        tokens[0] = BOS_ID
-    tokens[offset : offset + len(body)] = body
-    if last == len(document) + 2:
-        tokens[-1] = EOS_ID
-    return tokens
 
 
 def _check_entropy_model_dir(directory: Path, key: str) -> None:

@@ -8,7 +8,7 @@ Layout of an output directory::
     ...
 
 Documents are stored under the blake2b-128 digest of their bytes, because a document's entropies
-depend on its bytes only (see ``bltdist.patcher``): the trainer finds its train and held-out
+depend on its bytes only (see ``bltdist.patching.entropy``): the trainer finds its train and held-out
 documents whatever the split, order or spelling of the data path. Shards are written to a temporary
 name, fsynced and renamed, so after a kill every shard file present is complete; a rerun of the same
 command skips them and writes the rest. Nothing in a shard depends on when or by which worker it was
@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,8 +28,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from bltdist.atomic import atomic_file, atomic_write
 from bltdist.errors import UserError
-from bltdist.patcher import EntropyModel
+from bltdist.patching.entropy import EntropyModel
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -101,8 +101,8 @@ def precompute(
                 "give another --out directory or delete this one"
             )
     else:
-        _write_atomically(manifest_path, (json.dumps(manifest, indent=1) + "\n").encode())
-    for leftover in out_dir.glob(".*.tmp"):
+        atomic_write(manifest_path, json.dumps(manifest, indent=1) + "\n")
+    for leftover in out_dir.glob(".*.tmp-*"):
         leftover.unlink()  # a shard being written when a previous run was killed
 
     shards = manifest["shards"]
@@ -151,27 +151,9 @@ def _write_shard(task: tuple[str, str, int, list[bytes]]) -> str:
         .view(len(documents), DIGEST_BYTES),
     }  # fmt: skip
     final = Path(out_dir) / shard_name(index)
-    staging = final.with_name(f".{final.name}.tmp")
-    save_file(tensors, staging, metadata={"entropy_model_fingerprint": model.fingerprint})
-    _fsync_and_rename(staging, final)
+    with atomic_file(final) as staging:
+        save_file(tensors, staging, metadata={"entropy_model_fingerprint": model.fingerprint})
     return f"precompute: wrote {final.name} ({len(documents)} documents, {int(lengths.sum())} tokens)"
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_bytes(data)
-    _fsync_and_rename(staging, path)
-
-
-def _fsync_and_rename(staging: Path, final: Path) -> None:
-    with open(staging, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(staging, final)
-    directory = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 def _read_manifest(path: Path, key: str) -> dict:

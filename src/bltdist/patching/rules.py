@@ -13,11 +13,9 @@ is also what the Hugging Face BLT port does.
 """
 
 import torch
+import torch.nn.functional as F
 
-# Token convention: 0 = BOE/padding, 1 = BOS, 2 = EOS, 3 reserved, byte b -> b + BYTE_OFFSET.
-BOS_ID = 1
-EOS_ID = 2
-BYTE_OFFSET = 4
+from bltdist.patching.tokens import BOS_ID, BYTE_OFFSET
 
 PATCH_MODES = ("static", "space", "entropy")
 THRESHOLD_MODES = ("global", "monotonic")
@@ -86,26 +84,19 @@ def patch_lengths(starts: torch.Tensor) -> torch.Tensor:
     return lengths.scatter_add_(1, ids, torch.ones_like(ids))
 
 
+def pad_patch_lengths(lengths: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Right-pads (B, P) patch lengths with zero-length patches to a multiple of ``multiple``.
+
+    Zero-length patches hold no bytes: they pool nothing, no byte reads them in the decoder, and
+    they form a document of their own in the global model, so real patches never see them. Parallel
+    layouts pad so that patches split evenly (tp, 2 x cp) and pipeline shapes repeat (buckets)."""
+    missing = -lengths.shape[1] % multiple
+    return F.pad(lengths, (0, missing)) if missing else lengths
+
+
 def patch_ids(starts: torch.Tensor) -> torch.Tensor:
     """Index (B, T) of the patch each position belongs to."""
     return torch.cumsum(starts.long(), dim=1) - 1
-
-
-def starts_from_lengths(lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Inverse of :func:`patch_lengths`: zero lengths (padding) are ignored."""
-    if not bool((lengths.sum(dim=1) == seq_len).all()):
-        raise ValueError(f"patch lengths must sum to seq_len={seq_len} in every row")
-    first_positions = torch.cumsum(lengths, dim=1) - lengths
-    # Zero-length entries are sent to a scratch column past the end so they cannot mark anything.
-    targets = torch.where(lengths > 0, first_positions, seq_len)
-    starts = torch.zeros(lengths.shape[0], seq_len + 1, dtype=torch.bool, device=lengths.device)
-    starts.scatter_(1, targets, True)
-    return starts[:, :seq_len]
-
-
-def document_ids(tokens: torch.Tensor) -> torch.Tensor:
-    """Number of BOS tokens at or before each position: a partial first document has id 0."""
-    return torch.cumsum((tokens == BOS_ID).long(), dim=1)
 
 
 def _bos_like(tokens: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import shutil
 import signal
@@ -46,10 +45,11 @@ from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceSt
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 from torch.distributed.tensor import DTensor
 
-from bltdist.checkpoint import fsync_dir, save_weights_dir
-from bltdist.config import Config, config_from_dict, config_to_dict
+from bltdist.atomic import atomic_write, commit
+from bltdist.model_dir import save_weights_dir
+from bltdist.config import CheckpointConfig, config_from_dict
 from bltdist.errors import UserError
-from bltdist.parallel.grads import _clean_name
+from bltdist.parallel.grads import clean_name
 
 FORMAT = "bltdist-checkpoint"
 FORMAT_VERSION = 1
@@ -65,14 +65,14 @@ def checkpoints_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def resolve_resume(cfg: Config) -> Path | None:
+def resolve_resume(cfg: CheckpointConfig, output_dir: str | Path) -> Path | None:
     """The checkpoint ``checkpoint.resume`` names, or None for a fresh start. ``auto`` follows
     ``latest`` in output_dir and starts fresh when there is none yet (the first launch of a job)."""
-    resume = cfg.checkpoint.resume
+    resume = cfg.resume
     if resume is None:
         return None
     if resume == "auto":
-        latest = checkpoints_dir(cfg.output_dir) / LATEST_FILE
+        latest = checkpoints_dir(output_dir) / LATEST_FILE
         if not latest.is_file():
             return None
         path = latest.parent / latest.read_text(encoding="utf-8").strip()
@@ -86,7 +86,7 @@ def resolve_resume(cfg: Config) -> Path | None:
     if not (path / METADATA_FILE).is_file():
         raise UserError(
             f"checkpoint.resume: {path} is not a bltdist checkpoint (no {METADATA_FILE}); give a "
-            f"directory such as {checkpoints_dir(cfg.output_dir) / 'step_1000'} or 'auto'"
+            f"directory such as {checkpoints_dir(output_dir) / 'step_1000'} or 'auto'"
         )
     return path
 
@@ -106,10 +106,10 @@ def read_metadata(path: Path) -> dict:
     return metadata
 
 
-def check_resumable(cfg: Config, model: nn.Module) -> None:
+def check_resumable(cfg: CheckpointConfig, output_dir: str | Path, model: nn.Module) -> None:
     """Before any process starts training or writes a file: the checkpoint to resume is complete
     and holds a model of ``model``'s shapes (a model on the meta device is enough)."""
-    path = resolve_resume(cfg)
+    path = resolve_resume(cfg, output_dir)
     if path is None:
         return
     metadata = read_metadata(path)
@@ -185,7 +185,7 @@ def _tensor_state(model_parts: list[nn.Module], optimizer: torch.optim.Optimizer
     names: dict[nn.Parameter, str] = {}
     for part in model_parts:
         model_state.update(get_model_state_dict(part))
-        names.update({param: _clean_name(name) for name, param in part.named_parameters()})
+        names.update({param: clean_name(name) for name, param in part.named_parameters()})
     optimizer_state = {
         names[param]: optimizer.state[param]
         for group in optimizer.param_groups
@@ -257,16 +257,6 @@ def _set_rng_state(saved: dict[str, str], device: torch.device) -> None:
         torch.cuda.set_rng_state(decode(saved["cuda"]), device)
 
 
-def _write_json_atomically(data: Any, file: Path) -> None:
-    staging = file.with_name(f".{file.name}.tmp")
-    with open(staging, "w", encoding="utf-8") as handle:
-        handle.write(data if isinstance(data, str) else json.dumps(data, indent=1))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(staging, file)
-    fsync_dir(file.parent)
-
-
 def complete_checkpoints(root: Path) -> list[Path]:
     """Checkpoint directories with their metadata written, oldest step first."""
     found = [(int(m.group(1)), p) for p in root.glob("step_*") if (m := STEP_DIR.fullmatch(p.name))]
@@ -282,25 +272,26 @@ class Checkpointer:
     Collective: every rank builds one.
     """
 
-    def __init__(self, cfg: Config, layout: dict[str, int], dp_rank: int, device: torch.device):
-        self.cfg = cfg
+    def __init__(self, cfg: CheckpointConfig, output_dir: str | Path, run_config: dict, final_step: int,
+                 layout: dict[str, int], dp_rank: int, device: torch.device):  # fmt: skip
+        self.cfg, self.run_config, self.final_step = cfg, run_config, final_step
         self.layout = layout
         self.dp_rank = dp_rank
         self.device = device
-        self.root = checkpoints_dir(cfg.output_dir)
+        self.root = checkpoints_dir(output_dir)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         # DCP's planning collectives run in the async writer's thread: a group of their own keeps
         # them from interleaving with the training collectives (gloo, so CPU buffers work).
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
-        self.executor = ThreadPoolExecutor(max_workers=1) if cfg.checkpoint.async_save else None
+        self.executor = ThreadPoolExecutor(max_workers=1) if cfg.async_save else None
         self.pending: Future | None = None
         self.preempted = False
         if self.rank == 0 and self.root.is_dir():
             # Left by a save that was interrupted; never read, and in the way of the next save.
             for leftover in self.root.glob(".step_*"):
                 shutil.rmtree(leftover)
-        self.resume_from = resolve_resume(cfg)
+        self.resume_from = resolve_resume(cfg, output_dir)
         if self.resume_from is not None:
             self.resume_metadata = read_metadata(self.resume_from)
             verify_checksums(self.resume_from, self.resume_metadata, self.group)
@@ -339,9 +330,7 @@ class Checkpointer:
     def after_step(self, step: int) -> bool:
         """Saves when due; True when a preemption signal arrived: the state is saved, stop now."""
         preempted = self._agree(self.preempted)
-        if preempted or step == self.cfg.train.steps or (
-            self.cfg.checkpoint.interval and step % self.cfg.checkpoint.interval == 0
-        ):
+        if preempted or step == self.final_step or (self.cfg.interval and step % self.cfg.interval == 0):
             self.save(step)
         if preempted:
             self.wait()
@@ -386,7 +375,7 @@ class Checkpointer:
                 section: {name: spec for entry in gathered for name, spec in entry["shapes"][section].items()}
                 for section in tensors
             },
-            "config": config_to_dict(self.cfg),
+            "config": self.run_config,
         }
         if self.executor is None:
             self._write(tensors, metadata)
@@ -420,20 +409,10 @@ class Checkpointer:
             dist.barrier(group=self.group)
 
     def _commit(self, staging: Path, final: Path, metadata: dict) -> None:
-        with open(staging / METADATA_FILE, "w", encoding="utf-8") as handle:
-            json.dump(metadata, handle, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
-        fsync_dir(staging)
-        replaced = final.with_name(f".{final.name}.replaced")
-        if final.exists():  # the same step again after resuming from an earlier checkpoint
-            shutil.rmtree(replaced, ignore_errors=True)
-            os.replace(final, replaced)
-        os.replace(staging, final)
-        fsync_dir(self.root)
-        _write_json_atomically(final.name, self.root / LATEST_FILE)
-        shutil.rmtree(replaced, ignore_errors=True)
-        keep = self.cfg.checkpoint.keep_last
+        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=1), encoding="utf-8")
+        commit(staging, final)  # the same step may exist already, after resuming from an earlier one
+        atomic_write(self.root / LATEST_FILE, final.name)
+        keep = self.cfg.keep_last
         if keep:
             older = [p for p in complete_checkpoints(self.root) if p != final]
             for old in older[: max(0, len(older) - (keep - 1))]:

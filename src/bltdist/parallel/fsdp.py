@@ -7,7 +7,7 @@ one block's full weights exist at a time; the root unit holds the embeddings, sl
 and the head. On GPU parameters are gathered in bf16 and gradients reduced in fp32.
 
 Gradients are averaged over the dp_cp ranks; the trainer scales each rank's loss so that the
-average equals the gradient of the global mean (see ``bltdist.train``).
+average equals the gradient of the global mean (see ``bltdist.training.step``).
 """
 
 from __future__ import annotations

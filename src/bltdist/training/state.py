@@ -1,0 +1,90 @@
+"""Everything a training run holds, built from a config by one function: ``build_training_state``.
+
+The trainer, the planner, the benchmarks and the test workers all start here, so they run the
+model exactly as training does: the same process group and mesh, model parts, optimizer and
+micro-step.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from bltdist.config import Config
+from bltdist.parallel import Meshes, ParallelDims
+from bltdist.patching.patcher import Patcher
+from bltdist.training.optim import build_optimizer, build_scheduler
+from bltdist.training.parallelize import build_model, parallelize
+from bltdist.training.step import Stepper
+
+
+@dataclass
+class TrainingState:
+    device: torch.device
+    dims: ParallelDims
+    mesh: Meshes | None  # None in a single process
+    model_parts: list[torch.nn.Module]  # the whole model, or this rank's pipeline stages
+    parameter_count: int  # of the whole model
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    patcher: Patcher | None  # None for the entropy model, which has no patches
+    stepper: Stepper
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    @property
+    def dp_rank(self) -> int:
+        return self.mesh.dp.get_local_rank() if self.mesh is not None else 0
+
+    @property
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for part in self.model_parts for p in part.parameters()]
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            # No rank tears the group down while another still talks to it: gloo aborts such a process.
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def training_device(cfg: Config) -> torch.device:
+    use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if use_cuda else "cpu")
+
+
+def uses_bf16(cfg: Config, device: torch.device) -> bool:
+    return cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and device.type == "cuda")
+
+
+def build_training_state(cfg: Config, world_size: int | None = None) -> TrainingState:
+    """Starts the process group (when there are several processes; torchrun's environment says how
+    many), builds the mesh, the model parts, the optimizer and schedule, the patcher and the stepper."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+    dims = ParallelDims.from_config(cfg, world_size)
+    device = training_device(cfg)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    mesh = None
+    if world_size > 1:
+        if not dist.is_initialized():  # a benchmark that builds several states starts it once
+            timeout = datetime.timedelta(seconds=cfg.parallel.timeout_seconds)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+        mesh = dims.build_mesh(device.type)
+    bf16 = uses_bf16(cfg, device)
+    model = build_model(cfg.model, cfg.train.seed, cfg.checkpoint.init_from, device)
+    parameter_count = sum(p.numel() for p in model.parameters())
+    model_parts = parallelize(model, dims, mesh, cfg.train, bf16)
+    del model  # a pipeline rank keeps only its own stages
+    optimizer = build_optimizer(model_parts, cfg.optim, device)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    patcher = Patcher(cfg.patching, device) if cfg.model.arch == "blt" else None
+    # With FSDP, its mixed-precision policy casts parameters to bf16; autocast covers the rest.
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not dims.uses_fsdp)
+    stepper = Stepper(model_parts, dims, mesh, patcher, cfg.train, cfg.model.blt.local_window, autocast, device)
+    return TrainingState(device, dims, mesh, model_parts, parameter_count, optimizer, scheduler, patcher, stepper)

@@ -1,0 +1,138 @@
+"""One micro-batch through the parallelised model (patching, forward, loss, backward), and one
+optimizer step made of them.
+
+Every rank of a context-parallel group gets the same micro-batch and patches it whole; the model
+then computes the logits of the rank's own bytes only (``bltdist.parallel.context``). Every rank
+of a pipeline group gets it too; the schedule splits it into microbatches and only the last stage
+sees a loss (``bltdist.parallel.pipeline``); with both, every stage runs its cp rank's share.
+
+Loss scaling: a rank's backward loss is its summed byte cross-entropy divided by the bytes of the
+whole global batch, times the number of ranks FSDP averages gradients over (dp x cp). That average
+is then the gradient of the global mean loss whatever the layout and accumulation: context-parallel
+ranks hold disjoint bytes whose gradients must add up.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from bltdist.config import TrainConfig
+from bltdist.model.loss import byte_loss_sum
+from bltdist.parallel import Meshes, ParallelDims
+from bltdist.parallel.context import ContextParallelLayout
+from bltdist.parallel.grads import clip_grad_norm
+from bltdist.parallel.pipeline import BLTPipeline
+from bltdist.patching.patcher import Patcher
+from bltdist.patching.rules import pad_patch_lengths
+
+# Pipeline stages size their buffers by the padded patch count; padding it to a multiple of this
+# keeps the number of distinct shapes, and so of pipeline schedules built, small.
+PATCH_BUCKET = 64
+
+
+class Stepper:
+    """Runs micro-batches through this rank's model parts."""
+
+    def __init__(self, model_parts: list[torch.nn.Module], dims: ParallelDims, mesh: Meshes | None,
+                 patcher: Patcher | None, train: TrainConfig, local_window: int | None, autocast,
+                 device: torch.device):  # fmt: skip
+        self.model_parts, self.patcher, self.autocast, self.local_window = model_parts, patcher, autocast, local_window
+        self.cp_group = mesh["cp"].get_group() if dims.cp > 1 else None
+        # Sequence parallelism splits each cp rank's patches evenly over tp; cp chunks come in 2 x cp.
+        self.patch_multiple = dims.tp * (2 * dims.cp if dims.cp > 1 else 1)
+        self.counts_patches = dims.cp == 1 or mesh["cp"].get_local_rank() == 0
+        self.loss_divisor = train.global_batch_size * train.seq_len / dims.dp_cp
+        self.pipeline = None
+        if dims.pp > 1:
+            self.pipeline = BLTPipeline(
+                model_parts, mesh["pp"].get_group(), dims.pp_schedule, dims.pp_microbatches, device,
+                patch_bucket=math.lcm(PATCH_BUCKET, self.patch_multiple),
+            )  # fmt: skip
+            # Patches are counted where the loss is: on the rank of the last stage.
+            self.counts_patches = self.counts_patches and self.pipeline.holds_last_stage
+
+    def train(self, mode: bool) -> None:
+        for part in self.model_parts:
+            part.train(mode)
+
+    def forward_backward(self, tokens, targets, entropies) -> tuple[float, int]:
+        """Summed byte cross-entropy (nats) of this rank's bytes of the micro-batch (0 on ranks
+        without a loss), and the number of real patches it counts (each patch counted once).
+        ``entropies``: the tokens' next-byte entropies for entropy patching, else None."""
+        return self._run(tokens, targets, entropies, backward=True)
+
+    @torch.no_grad()
+    def evaluate(self, tokens, targets, entropies) -> float:
+        return self._run(tokens, targets, entropies, backward=False)[0]
+
+    def _run(self, tokens, targets, entropies, backward: bool) -> tuple[float, int]:
+        lengths, num_patches = None, tokens.numel()
+        if self.patcher is not None:
+            lengths = self.patcher(tokens, entropies)
+            num_patches = int((lengths > 0).sum()) if self.counts_patches else 0
+            lengths = pad_patch_lengths(lengths, self.patch_multiple)
+        with self.autocast:
+            if self.pipeline is not None:
+                if backward:
+                    loss_sum = self.pipeline.step(tokens, lengths, targets, self.loss_divisor)
+                else:
+                    loss_sum = self.pipeline.evaluate(tokens, lengths, targets)
+                return (0.0 if loss_sum is None else float(loss_sum)), num_patches
+            loss_sum = self._loss_sum(tokens, lengths, targets)
+        if backward:
+            (loss_sum / self.loss_divisor).backward()
+        return float(loss_sum.detach()), num_patches
+
+    def _loss_sum(self, tokens, lengths, targets) -> torch.Tensor:
+        (model,) = self.model_parts
+        if lengths is None:  # the entropy model: a byte LM without patches
+            return byte_loss_sum(model(tokens), targets)
+        if self.cp_group is None:
+            return byte_loss_sum(model(tokens, lengths), targets)
+        layout = ContextParallelLayout.build(tokens, lengths, self.local_window, self.cp_group)
+        return byte_loss_sum(model(tokens, lengths, layout=layout), layout.local_targets(targets))
+
+
+def optimizer_step(stepper: Stepper, next_batch, accum: int, dims: ParallelDims, optimizer, scheduler,
+                   grad_clip: float, timer) -> tuple[float, int, float]:  # fmt: skip
+    """One optimizer step over ``accum`` micro-batches from ``next_batch()`` ((tokens, targets,
+    entropies) on the device); returns this rank's summed loss, the patches it counts, and the
+    gradient norm before clipping."""
+    loss_sum, patches = 0.0, 0
+    for micro in range(accum):
+        with timer.phase("data_wait"):
+            batch = next_batch()
+        if dims.uses_fsdp:
+            # Reduce-scatter gradients once per optimizer step, not once per micro-batch.
+            for part in stepper.model_parts:
+                part.set_requires_gradient_sync(micro == accum - 1)
+        with timer.phase("forward_backward"):
+            micro_loss, micro_patches = stepper.forward_backward(*batch)
+        loss_sum, patches = loss_sum + micro_loss, patches + micro_patches
+    parameters = [p for part in stepper.model_parts for p in part.parameters()]
+    with timer.phase("grad_norm_allreduce"):
+        grad_norm = clip_grad_norm(parameters, grad_clip if grad_clip > 0 else float("inf"), dims.world_size // dims.pp)
+    with timer.phase("optimizer"):
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss_sum, patches, grad_norm
+
+
+class Reporter:
+    """Sums per-rank figures over the world, counting each data-parallel shard of the batch once:
+    tensor-parallel ranks repeat the same loss, so only their first rank contributes."""
+
+    def __init__(self, mesh: Meshes | None, device: torch.device):
+        self.device = device
+        self.contributes = mesh is None or mesh["tp"].get_local_rank() == 0
+
+    def sum(self, values: list[float]) -> list[float]:
+        tensor = torch.tensor(values if self.contributes else [0.0] * len(values), dtype=torch.float64)
+        if dist.is_initialized():
+            tensor = tensor.to(self.device)
+            dist.all_reduce(tensor)
+        return tensor.tolist()
