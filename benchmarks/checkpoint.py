@@ -30,11 +30,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-
+from results import write_results
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
-
-from results import write_results
 
 from bltdist.config import config_to_dict, load_config
 from bltdist.data import PackedByteLoader

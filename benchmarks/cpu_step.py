@@ -19,7 +19,6 @@ from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
-
 from results import write_results
 
 from bltdist.config import BLTConfig

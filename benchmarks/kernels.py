@@ -26,7 +26,6 @@ import statistics
 import sys
 
 import torch
-
 from results import RESULTS_DIR, write_results
 
 FULL_SHAPE = dict(dim=1024, heads=16, slots=2, ngram_sizes=[3, 4, 5, 6, 7, 8], hash_functions=1,
@@ -124,6 +123,7 @@ def flex_cross_attention(layout, slots: int, batch: int, device: str):
 
 def run_case(seq_len: int, shape: dict, args, device: str, timed: bool) -> dict:
     from bltdist.kernels import cross_attention, hash_embedding
+
     from bltdist.model import attention
     from bltdist.model.hash_embedding import HashNgramEmbedding
 

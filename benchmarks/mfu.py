@@ -27,7 +27,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from results import RESULTS_DIR, write_results
 
 REPO = Path(__file__).resolve().parents[1]

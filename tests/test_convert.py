@@ -17,11 +17,11 @@ from safetensors.torch import load_file
 from transformers import BltConfig, BltForCausalLM, BltPatcher, BltPatcherConfig
 
 import bltdist
-from bltdist.model_dir import save_weights_dir
 from bltdist.config import BLTConfig, Config, EntropyModelConfig, load_config
 from bltdist.convert import from_hf, main, to_hf
 from bltdist.errors import UserError
 from bltdist.model import BLT, ByteLM
+from bltdist.model_dir import save_weights_dir
 from bltdist.patching import patch_starts
 
 REPO = Path(__file__).resolve().parents[1]

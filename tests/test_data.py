@@ -9,8 +9,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from bltdist.data import PackedByteLoader, build_datasets, iter_documents, list_files, load_documents, split_documents
-from bltdist.data import sources
+from bltdist.data import (
+    PackedByteLoader,
+    build_datasets,
+    iter_documents,
+    list_files,
+    load_documents,
+    sources,
+    split_documents,
+)
 from bltdist.errors import DataError
 from bltdist.patching import BOS_ID, EOS_ID
 

@@ -12,17 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-from bltdist.model_dir import save_weights_dir
 from bltdist.config import load_config
 from bltdist.data import PackedByteLoader, load_documents
-from bltdist.patching.tokens import document_tokens
 from bltdist.data.sources import stdlib_root
-from bltdist.patching.store import PrecomputedEntropies, precompute
 from bltdist.model import ByteLM
+from bltdist.model_dir import save_weights_dir
 from bltdist.patching.cli import calibrate_threshold, entropy_sample, packed_rows
 from bltdist.patching.cli import main as patch_main
 from bltdist.patching.entropy import EntropyModel, OnlineEntropies
 from bltdist.patching.patcher import Patcher
+from bltdist.patching.store import PrecomputedEntropies, precompute
+from bltdist.patching.tokens import document_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 CODE_FILES = ("textwrap.py", "csv.py", "json/decoder.py")

@@ -6,15 +6,15 @@ inputs, so a bf16 kernel is held to 1e-2 and an fp32 kernel to 1e-5, relative.
 
 import pytest
 import torch
+from bltdist.kernels.cross_attention import byte_to_slot_attention, patch_pool_attention
+from bltdist.kernels.hash_embedding import hash_ngram_embedding
+from test_model import make_tokens
 
 from bltdist import kernels
 from bltdist.config import ConfigError, load_config
-from bltdist.kernels.cross_attention import byte_to_slot_attention, patch_pool_attention
-from bltdist.kernels.hash_embedding import hash_ngram_embedding
 from bltdist.model import BLT, PatchLayout
 from bltdist.model import attention as reference
 from bltdist.model.hash_embedding import HashNgramEmbedding
-from test_model import make_tokens
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}

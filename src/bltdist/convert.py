@@ -4,32 +4,10 @@
     python -m bltdist.convert to-hf BLTDIST_DIR HF_DIR
     python -m bltdist.convert consolidate CKPT_DIR OUT_DIR
 
-``consolidate`` turns the model weights of a sharded training checkpoint
-(``output_dir/checkpoints/step_N``) into one bltdist model directory, the format that
-``--checkpoint.init_from`` and ``to-hf`` read.
-
-A Hugging Face BLT directory holds ``config.json`` and ``model.safetensors`` (or the shards listed
-in ``model.safetensors.index.json``). Two kinds are understood:
-
-- ``BltForCausalLM`` (model_type ``blt``) <-> a bltdist BLT model directory. When the checkpoint
-  carries its entropy model (``patch_in_forward: true``, tensors under ``model.patcher.``), from-hf
-  writes it as the bltdist entropy model directory ``OUT_DIR/entropy_model`` and the BLT config
-  patches with it (global threshold ``patching_threshold``); to-hf puts the entropy model named by
-  ``patching.entropy_model`` back into the checkpoint when patching is entropy with a global
-  threshold (the port has no monotonic rule).
-- ``BltPatcher`` (model_type ``blt_patcher``) <-> a bltdist entropy model directory.
-
-Every tensor is copied unchanged (same dtype, same bits); only names change. The port rotates
-adjacent channel pairs (2i, 2i+1) like bltdist and orders its fused hash table function-major like
-bltdist, so no weight needs permuting. What the port computes differently from bltdist's defaults
-is set in the model config by from-hf and required by to-hf: ``global_final_norm: false``,
-``cross_attn_double_residual: true``, and ``encoder_cross_attn_repool`` equal to
-``encoder_cross_attn_all_layers``.
-
-Patch-length convention: bltdist treats the end of a sequence as a patch boundary, so the last byte
-reads the global output of the last patch. The port reads it only when ``patch_lengths`` ends with
-a zero-length patch (its patcher adds one when the byte after the sequence would start a patch);
-give the port ``patch_lengths`` with a zero column appended for the same logits.
+``BltForCausalLM`` (with its entropy model when it carries one) and ``BltPatcher`` convert to and
+from bltdist model directories; ``consolidate`` turns a sharded training checkpoint into one. Every
+tensor is copied bit for bit, only names change; what the port computes differently is a model
+option that from-hf sets and to-hf requires. README "Start from released BLT weights" has the details.
 """
 
 from __future__ import annotations
@@ -43,18 +21,13 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from bltdist.model_dir import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    atomic_directory,
-    read_safetensors,
-    write_model_files,
-)
-from bltdist.training.checkpoint import consolidate
+from bltdist.atomic import atomic_directory
 from bltdist.config import BLTConfig, Config, EntropyModelConfig, load_config, validate
 from bltdist.errors import UserError
 from bltdist.model import BLT, ByteLM
 from bltdist.model.blt import default_ffn_dim
+from bltdist.model_dir import CONFIG_FILE, WEIGHTS_FILE, read_safetensors, write_model_files
+from bltdist.training.checkpoint import consolidate
 
 PROGRAM = "bltdist-convert"
 HF_CONFIG_FILE = "config.json"

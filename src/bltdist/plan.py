@@ -1,54 +1,11 @@
 """Memory per rank of candidate parallel layouts, and the fastest one that fits:
 ``python -m bltdist.plan --config X --gpus N --gpu-mem-gb M [--section.key VALUE ...]``.
 
-Per rank, for a layout pp x dp_replicate x dp_shard x cp x tp (``bltdist.memtrack`` defines the
-measured quantity this estimates), the estimate is the larger of the two moments at which a
-training step peaks; they are not all alive at once:
-
-- states: parameters and AdamW's two moments (fp32) of the rank's pipeline stage, divided by
-  dp_shard x cp (FSDP shards them) and, for transformer-block and cross-attention weights, by tp.
-  They are alive for the whole run.
-- start of backward (the peak of every measured layout but tiny HSDP, see below): the forward's
-  activations are all still alive, and so are:
-  - gradients only under gradient accumulation (several micro-batches, or pp > 1): the previous
-    step's were freed by ``zero_grad(set_to_none=True)``, and this step's appear only as backward
-    frees activations. With FSDP they are full size, not sharded: while gradient sync is off
-    FSDP2 keeps each parameter's unreduced gradient and reduce-scatters it on the last
-    micro-batch;
-  - FSDP buffers (when dp_shard x cp x dp_replicate > 1). ``apply_fsdp`` passes
-    ``reshard_after_forward=True`` to the root unit (embeddings, hash tables, slot projections,
-    head) as well, so FSDP2 frees the root's gathered parameters after forward and all-gathers
-    them again in the root's pre-backward: its flat all-gather output and the unsharded
-    parameters it is copied into are alive together, twice the root. After that copy the flat
-    buffer is freed and the last block unit is prefetched (its flat output and unsharded
-    parameters, twice that unit), so the buffers are root + max(root, 2 x largest unit). With
-    dp_replicate only (no sharding) there is no flat output: root + largest unit.
-    Block units are resharded after their forward, so none is gathered before backward starts;
-- activations: measured by probes, not guessed. The model is built with 1 and 2 layers of each
-  kind, micro-batch 1 and a short sequence, and one forward+backward is run on the CPU with
-  gradients dropped as they are produced; the peak tensor memory above the parameters is the
-  activation working set. A linear fit in the layer counts gives the full depth; the result
-  scales with micro_batch x seq_len / cp; block activations divide by tp (heads and FFN are
-  split; the replicated byte stream of the local layers makes this optimistic for tp > 1);
-  a pipeline stage keeps its share of layers for the microbatches in flight (pp for 1F1B).
-  The probes run the PyTorch reference (blocked SDPA, reference cross-attention), so on GPU,
-  where fused kernels save less, the activation estimate errs on the safe side.
-- optimizer step: activations are freed and the sharded gradients (fp32) join the states, plus
-  the step's temporaries: ``clip_grad_norm`` squares each local gradient in fp64 (a copy and its
-  square, 16 bytes per element of the largest local tensor), which also covers the two fp32
-  temporaries per tensor of the single-tensor AdamW used on CPU.
-
-Not modelled: inside backward, a unit's sharded gradients appear as its activations are freed;
-where a unit's gradient shards outweigh its activations (the global blocks at micro-batch 1)
-memory grows a little during backward, which the start-of-backward figure misses (measured:
-2% for the mid-size config as dp_replicate=2 x dp_shard=2). The root's full gradient (the hash
-tables') appears at the very end of backward, when the activations it would add to are freed.
-
-Speed ranks layouts that fit by a simple model of what each dimension costs: the pipeline
-bubble (pp - 1) / (microbatches + pp - 1), tensor-parallel all-reduces that do not overlap
-(stated as an assumed 10% per doubling of tp beyond 1 inside a node, 30% across nodes), and
-context parallelism's ring passes (5% per doubling). Pure FSDP/HSDP is taken as free: its
-collectives overlap compute. The ranking is a heuristic, explained in the output.
+The estimate per rank is the larger of the two moments a step peaks at: the start of backward
+(states, all activations, FSDP buffers, gradients under accumulation) and the optimizer step
+(states, sharded gradients, the step's temporaries). Activations are measured by probes on the CPU,
+not guessed; speed is a stated heuristic. README "Which layout" gives every term and why, and
+``bltdist.memtrack`` the measured quantity it is tested against.
 """
 
 from __future__ import annotations

@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(*parse_args(argv))
         check_before_start(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         train_docs, val_docs = build_datasets(cfg.data.path, cfg.data.text_field, cfg.data.val_fraction)
-        snapshot = cfg.logging.memory_snapshot_on_oom and training_device(cfg).type == "cuda"
+        snapshot = cfg.logging.memory_snapshot_on_oom and training_device(cfg.train).type == "cuda"
         with memory_snapshot_on_oom(snapshot, Path(cfg.output_dir), int(os.environ.get("RANK", "0"))):
             train(cfg, train_docs, val_docs)
     except UserError as error:

@@ -14,7 +14,8 @@ import os
 import signal
 import sys
 
-from bltdist import checkpointer, metrics, train
+from bltdist import metrics, train
+from bltdist.training import checkpoint as checkpointer
 
 MODE, STEP, TRAINER_ARGS = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 ON_RANK_0 = int(os.environ.get("RANK", "0")) == 0

@@ -20,8 +20,6 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_f
 from bltdist.model.layers import CrossAttention, TransformerBlock
 
 
-
-
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, bf16: bool, reshard_after_forward: bool = True) -> None:
     """Shard ``model`` (a whole model or one pipeline part) block by block, then at its root."""
     mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None

@@ -19,7 +19,6 @@ their lookups count no FLOPs and the head is under 1% of the model's FLOPs.
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
@@ -31,7 +30,6 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
     parallelize_module,
 )
-
 
 
 def _sequence_parallel_block_plan() -> dict:

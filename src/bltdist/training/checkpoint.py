@@ -1,27 +1,12 @@
 """Training checkpoints: sharded safetensors, atomic, resumable exactly and under any layout.
 
-``output_dir/checkpoints`` holds:
-
-- ``step_N/shard-*.safetensors``: each rank's pieces of the model and AdamW state, written by
-  torch.distributed.checkpoint (DCP) through its ``HuggingFaceStorageWriter``: every tensor is
-  stored under its layout-free name (``model.<fqn>``, ``optimizer.<fqn>.exp_avg``) with its offset
-  in the full tensor, so any layout reads the pieces it needs (resharding is DCP's planner).
-- ``step_N/metadata.json``: step, config, layout, bytes consumed, the data-loader state of every
-  data-parallel rank, every rank's RNG state, the LR scheduler, the optimizer's learning rates and
-  step count, each tensor's full shape and dtype, and each shard's size and CRC32.
-- ``latest``: the name of the newest complete checkpoint.
-- ``.step_N.tmp/``: a checkpoint being written. Nothing ever reads it.
-
-A save writes into ``.step_N.tmp``, fsyncs every file, then rank 0 writes metadata.json, renames
-the directory to ``step_N``, replaces ``latest`` and only then prunes old checkpoints. A crash at
-any point leaves ``latest`` on the previous complete checkpoint. In async mode the state is
-copied to CPU memory at the step boundary and the same save runs in a background thread with its
-own gloo process group, so it never interleaves with the training collectives.
-
-Why DCP with safetensors rather than our own writer: DCP already computes every DTensor shard's
-offset (FSDP's strided shards over TP included) and plans which saved pieces each rank of a new
-layout must read; safetensors keeps tensors out of pickle. Our part is what DCP leaves open:
-atomic commit, integrity, and the non-tensor training state.
+``output_dir/checkpoints/step_N/`` holds every rank's shards of the model and AdamW state, written
+by torch.distributed.checkpoint (DCP) under layout-free names, and ``metadata.json`` (step, config,
+layout, data positions, RNG states, scheduler, shapes, each shard's size and CRC32); ``latest``
+names the newest complete one. DCP computes every DTensor shard's offset and plans which pieces a
+new layout reads; what it leaves open is ours: the atomic commit (``bltdist.atomic``), integrity,
+and the non-tensor state. Async saves run in a thread with a gloo group of their own, so they never
+interleave with the training collectives.
 """
 
 from __future__ import annotations
@@ -46,9 +31,9 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_mo
 from torch.distributed.tensor import DTensor
 
 from bltdist.atomic import atomic_write, commit
-from bltdist.model_dir import save_weights_dir
 from bltdist.config import CheckpointConfig, config_from_dict
 from bltdist.errors import UserError
+from bltdist.model_dir import save_weights_dir
 from bltdist.parallel.grads import clean_name
 
 FORMAT = "bltdist-checkpoint"

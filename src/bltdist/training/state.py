@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from bltdist.config import Config
+from bltdist.config import Config, TrainConfig
 from bltdist.parallel import Meshes, ParallelDims
 from bltdist.patching.patcher import Patcher
 from bltdist.training.optim import build_optimizer, build_scheduler
@@ -53,13 +53,13 @@ class TrainingState:
             dist.destroy_process_group()
 
 
-def training_device(cfg: Config) -> torch.device:
-    use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+def training_device(train: TrainConfig) -> torch.device:
+    use_cuda = train.device == "cuda" or (train.device == "auto" and torch.cuda.is_available())
     return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if use_cuda else "cpu")
 
 
-def uses_bf16(cfg: Config, device: torch.device) -> bool:
-    return cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and device.type == "cuda")
+def uses_bf16(train: TrainConfig, device: torch.device) -> bool:
+    return train.dtype == "bfloat16" or (train.dtype == "auto" and device.type == "cuda")
 
 
 def build_training_state(cfg: Config, world_size: int | None = None) -> TrainingState:
@@ -67,7 +67,7 @@ def build_training_state(cfg: Config, world_size: int | None = None) -> Training
     many), builds the mesh, the model parts, the optimizer and schedule, the patcher and the stepper."""
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     dims = ParallelDims.from_config(cfg, world_size)
-    device = training_device(cfg)
+    device = training_device(cfg.train)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     mesh = None
@@ -76,7 +76,7 @@ def build_training_state(cfg: Config, world_size: int | None = None) -> Training
             timeout = datetime.timedelta(seconds=cfg.parallel.timeout_seconds)
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
         mesh = dims.build_mesh(device.type)
-    bf16 = uses_bf16(cfg, device)
+    bf16 = uses_bf16(cfg.train, device)
     model = build_model(cfg.model, cfg.train.seed, cfg.checkpoint.init_from, device)
     parameter_count = sum(p.numel() for p in model.parameters())
     model_parts = parallelize(model, dims, mesh, cfg.train, bf16)
