@@ -157,3 +157,43 @@ def test_entropy_model_trains_and_drives_entropy_patching(tmp_path, odd_corpus):
     assert result.returncode == 0, result.stderr
     record = next(r for r in read_metrics(out) if "avg_patch_len" in r)
     assert 1.0 <= record["avg_patch_len"] <= 8.0
+
+
+def run_poisoned(first: int, last: int, args: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    worker = str(REPO / "tests" / "workers" / "nonfinite.py")
+    return subprocess.run([sys.executable, worker, str(first), str(last), *args], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=REPO)  # fmt: skip
+
+
+def checkpoint_weights_are_finite(checkpoint: Path) -> bool:
+    return all(bool(torch.isfinite(t).all()) for f in checkpoint.glob("*.safetensors") for t in load_file(f).values())
+
+
+def test_divergence_stops_the_run_without_saving_or_exporting_nonfinite_weights(tmp_path):
+    out = tmp_path / "run"
+    result = run_trainer([*SMALL, "--train.steps=6", "--optim.lr=1e4", "--optim.warmup_steps=0",
+                          "--checkpoint.interval=1", f"--output_dir={out}"])  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    failed_step = int(message.split("step ")[1].split(":")[0])
+    assert "non-finite loss or gradients, first in the" in message and "optim.lr" in message, message
+    assert not (out / "model").exists()
+    latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    assert int(latest.name.split("_")[1]) < failed_step
+    assert all(checkpoint_weights_are_finite(c) for c in (out / "checkpoints").glob("step_*"))
+    assert read_metrics(out)[-1] == {"step": failed_step, "event": "nonfinite", "message": message.split("error: ")[1]}
+
+
+def test_skip_policy_steps_over_a_bad_step_and_stops_after_too_many_in_a_row(tmp_path):
+    out = tmp_path / "skip"
+    skip = [*SMALL, "--train.steps=5", "--train.nonfinite=skip", "--train.max_skipped_steps=2"]
+    result = run_poisoned(3, 3, [*skip, f"--output_dir={out}"])
+    assert result.returncode == 0, result.stderr
+    lines = [r for r in read_metrics(out) if "loss" in r]
+    assert [r["skipped_steps"] for r in lines] == [0, 0, 1, 1, 1]
+    assert lines[2]["loss"] is None and all(math.isfinite(r["loss"]) for r in lines if r["step"] != 3)
+    assert (out / "model" / "model.safetensors").is_file() and "skipped 1" in result.stdout
+    many = run_poisoned(2, 5, [*skip, f"--output_dir={tmp_path / 'many'}"])
+    assert many.returncode == 1 and "step 4: non-finite" in many.stderr and "3 steps in a row" in many.stderr
+    assert "first in the loss on rank 0" in many.stderr

@@ -174,6 +174,11 @@ class TrainConfig:
     )
     activation_checkpointing: bool = setting(False, "recompute activations in the backward pass")
     compile: bool = setting(False, "torch.compile the blocks")
+    nonfinite: str = setting(
+        "stop", "a step whose loss or gradient norm is NaN or infinite: stop the run, or skip the update",
+        choices=("stop", "skip"),
+    )
+    max_skipped_steps: int = setting(10, "with nonfinite skip: consecutive skipped steps that stop the run", ge=1)
     val_interval: int = setting(100, "steps between validations; 0 = only at start and end", ge=0)
     val_batches: int = setting(8, "global batches (train.global_batch_size sequences) per validation", ge=1)
 

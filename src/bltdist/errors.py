@@ -16,3 +16,7 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A data source that cannot be read or holds no documents; the message names the path."""
+
+
+class TrainingDiverged(Exception):
+    """A step's loss or gradients were not finite and the non-finite policy says stop."""

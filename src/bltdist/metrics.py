@@ -22,7 +22,7 @@ from bltdist.config import LoggingConfig
 
 TRAIN_KEYS = (
     "step", "loss", "bpb", "bytes_per_sec", "patches_per_sec", "avg_patch_len",
-    "grad_norm", "lr", "mem_gb", "tflops", "mfu",
+    "grad_norm", "lr", "mem_gb", "tflops", "mfu", "skipped_steps",
 )  # fmt: skip
 
 
@@ -76,7 +76,7 @@ class MetricsLogger:
         print(
             f"step {record['step']:>6}/{self.total_steps} | loss {record['loss']:.4f} | bpb {record['bpb']:.3f} | "
             f"{_format_rate(record['bytes_per_sec'])} B/s | {record['tflops']:.3g} TFLOP/s | MFU {mfu} | grad {record['grad_norm']:.2f} | "
-            f"lr {record['lr']:.2e} | ETA {eta}",
+            f"lr {record['lr']:.2e} | ETA {eta}" + (f" | skipped {record['skipped_steps']}" if record["skipped_steps"] else ""),
             flush=True,
         )
 

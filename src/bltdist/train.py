@@ -18,7 +18,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from bltdist.config import Config, config_to_dict, load_config, parse_args, save_config
 from bltdist.data import PackedByteLoader, build_datasets
-from bltdist.errors import ConfigError, UserError
+from bltdist.errors import ConfigError, TrainingDiverged, UserError
 from bltdist.flops import peak_tflops, training_flops_per_byte
 from bltdist.metrics import (
     MetricsLogger,
@@ -38,76 +38,98 @@ from bltdist.parallel import ParallelDims
 from bltdist.training.checkpoint import Checkpointer, check_resumable, consolidate
 from bltdist.training.parallelize import meta_model
 from bltdist.training.state import TrainingState, build_training_state, training_device
-from bltdist.training.step import Reporter, optimizer_step
+from bltdist.training.step import NonFiniteGuard, Reporter, optimizer_step
 
 
-def train(cfg: Config, train_docs: list[bytes], val_docs: list[bytes]) -> None:
-    state = build_training_state(cfg)
-    device, dims, output_dir = state.device, state.dims, Path(cfg.output_dir)
-    is_main = state.rank == 0
-    # Built before anything is written: it verifies the checkpoint to resume.
-    checkpointer = Checkpointer(cfg.checkpoint, output_dir, config_to_dict(cfg), cfg.train.steps, dims.sizes(),
-                                state.dp_rank, device)  # fmt: skip
-    if is_main:
-        save_config(cfg, output_dir / "config.yaml")
-    logger = MetricsLogger(output_dir, cfg.train.steps, is_main,
-                           build_sinks(cfg.logging, output_dir, config_to_dict(cfg), is_main))  # fmt: skip
-    timer, profiler = StepTimer(device), StepProfiler(cfg.logging.profile_steps, output_dir, state.rank, device)
-    loader = data_loader(train_docs, cfg, state, shuffle=True)
-    accum = dims.grad_accum_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size)
-    meter = Throughput(cfg, state, peak_tflops(device_name(device), cfg.logging.peak_tflops))
-    logger.info(
-        f"bltdist: {cfg.model.arch} model, {state.parameter_count / 1e6:.2f}M parameters, {dims.world_size} "
-        f"process(es) on {device.type} ({dims}), global batch {cfg.train.global_batch_size} x {cfg.train.seq_len} "
-        f"bytes, {accum} accumulation step(s), output in {output_dir}"
-    )
+class Trainer:
+    """A training run: ``Trainer(cfg, train_docs, val_docs).run()``."""
 
-    def validate(step: int) -> None:
-        val_loss = evaluate(state, val_docs, cfg, accum)
-        logger.val_line({"step": step, "val_loss": val_loss, "val_bpb": val_loss / math.log(2)})
+    def __init__(self, cfg: Config, train_docs: list[bytes], val_docs: list[bytes]):
+        self.cfg, self.val_docs = cfg, val_docs
+        self.state = state = build_training_state(cfg)
+        self.output_dir, dims = Path(cfg.output_dir), state.dims
+        self.is_main = state.rank == 0
+        # Built before anything is written: it verifies the checkpoint to resume.
+        self.checkpointer = Checkpointer(cfg.checkpoint, self.output_dir, config_to_dict(cfg), cfg.train.steps,
+                                         dims.sizes(), state.dp_rank, state.device)  # fmt: skip
+        if self.is_main:
+            save_config(cfg, self.output_dir / "config.yaml")
+        sinks = build_sinks(cfg.logging, self.output_dir, config_to_dict(cfg), self.is_main)
+        self.logger = MetricsLogger(self.output_dir, cfg.train.steps, self.is_main, sinks)
+        self.timer = StepTimer(state.device)
+        self.profiler = StepProfiler(cfg.logging.profile_steps, self.output_dir, state.rank, state.device)
+        self.loader = data_loader(train_docs, cfg, state, shuffle=True)
+        self.accum = dims.grad_accum_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size)
+        self.meter = Throughput(cfg, state, peak_tflops(device_name(state.device), cfg.logging.peak_tflops))
+        self.guard, self.step = NonFiniteGuard(cfg.train), 0
+        self.logger.info(
+            f"bltdist: {cfg.model.arch} model, {state.parameter_count / 1e6:.2f}M parameters, {dims.world_size} "
+            f"process(es) on {state.device.type} ({dims}), global batch {cfg.train.global_batch_size} x "
+            f"{cfg.train.seq_len} bytes, {self.accum} accumulation step(s), output in {self.output_dir}"
+        )
 
-    start_step = checkpointer.restore(state.model_parts, state.optimizer, state.scheduler, loader)
-    if start_step:
-        logger.info(f"resumed from {checkpointer.resume_from} after step {start_step}")
-    else:
-        validate(0)
-    run_start, preempted = time.perf_counter(), False
-    for step in range(start_step + 1, cfg.train.steps + 1):
-        profiler.start_step(step)
-        timer.start_step()
-        lr = state.scheduler.get_last_lr()[0]
-        loss_sum, patches, grad_norm = optimizer_step(
-            state.stepper, lambda: next_batch(loader, device), accum, dims, state.optimizer, state.scheduler,
-            cfg.optim.grad_clip, timer,
+    def run(self) -> None:
+        try:
+            preempted = self.train()
+        except TrainingDiverged as error:
+            self.logger.log({"step": self.step, "event": "nonfinite", "message": str(error)})
+            self.close()
+            raise
+        if not preempted:
+            self.validate(self.cfg.train.steps)
+            if self.is_main:
+                self.logger.info(f"model written: {consolidate(self.checkpointer.latest(), self.output_dir / 'model')}")
+        summary = run_summary(
+            self.logger.train_records, self.timer.breakdown(), gather_peak_memory_gb(self.state.device),
+            world_size=self.state.dims.world_size, layout=self.state.dims.sizes(), device_type=self.state.device.type,
+            peak_tflops=self.meter.peak,
         )  # fmt: skip
-        timer.end_step()
-        trace = profiler.end_step(step)
-        if trace is not None:
-            logger.info(f"profiler trace of step {step} written: {trace} (and one per rank)")
-        meter.add(loss_sum, patches)
-        if step % cfg.logging.interval == 0 or step == cfg.train.steps:
-            logger.train_line(meter.record(step, grad_norm, lr), (time.perf_counter() - run_start) / (step - start_step))
-        if cfg.train.val_interval and step % cfg.train.val_interval == 0 and step != cfg.train.steps:
-            validate(step)
-        preempted = checkpointer.after_step(step)
-        if preempted:
-            logger.info(f"stopping on a signal: checkpoint of step {step} written")
-            break
+        if self.is_main:
+            self.logger.info(format_summary(summary))
+            self.logger.info(f"summary written: {write_summary(summary, self.output_dir)}")
+        self.close()
 
-    checkpointer.close()
-    if not preempted:
-        validate(cfg.train.steps)
-        if is_main:
-            logger.info(f"model written: {consolidate(checkpointer.latest(), output_dir / 'model')}")
-    summary = run_summary(
-        logger.train_records, timer.breakdown(), gather_peak_memory_gb(device), world_size=dims.world_size,
-        layout=dims.sizes(), device_type=device.type, peak_tflops=meter.peak,
-    )  # fmt: skip
-    if is_main:
-        logger.info(format_summary(summary))
-        logger.info(f"summary written: {write_summary(summary, output_dir)}")
-    logger.close()
-    state.close()
+    def train(self) -> bool:
+        """The training loop; True when a preemption signal stopped it (after a checkpoint)."""
+        cfg, state, timer = self.cfg, self.state, self.timer
+        start_step = self.checkpointer.restore(state.model_parts, state.optimizer, state.scheduler, self.loader)
+        if start_step:
+            self.logger.info(f"resumed from {self.checkpointer.resume_from} after step {start_step}")
+        else:
+            self.validate(0)
+        run_start = time.perf_counter()
+        for self.step in range(start_step + 1, cfg.train.steps + 1):
+            self.profiler.start_step(self.step)
+            timer.start_step()
+            lr = state.scheduler.get_last_lr()[0]
+            loss_sum, patches, grad_norm = optimizer_step(
+                state.stepper, lambda: next_batch(self.loader, state.device), self.accum, state.dims, state.optimizer,
+                state.scheduler, cfg.optim.grad_clip, timer,
+            )  # fmt: skip
+            applied = self.guard.applied(self.step, grad_norm, state.stepper, loss_sum, state.optimizer)
+            timer.end_step()
+            trace = self.profiler.end_step(self.step)
+            if trace is not None:
+                self.logger.info(f"profiler trace of step {self.step} written: {trace} (and one per rank)")
+            self.meter.add(loss_sum if applied else None, patches)
+            if self.step % cfg.logging.interval == 0 or self.step == cfg.train.steps:
+                record = self.meter.record(self.step, grad_norm, lr, self.guard.skipped)
+                self.logger.train_line(record, (time.perf_counter() - run_start) / (self.step - start_step))
+            if cfg.train.val_interval and self.step % cfg.train.val_interval == 0 and self.step != cfg.train.steps:
+                self.validate(self.step)
+            if self.checkpointer.after_step(self.step):
+                self.logger.info(f"stopping on a signal: checkpoint of step {self.step} written")
+                return True
+        return False
+
+    def validate(self, step: int) -> None:
+        val_loss = evaluate(self.state, self.val_docs, self.cfg, self.accum)
+        self.logger.val_line({"step": step, "val_loss": val_loss, "val_bpb": val_loss / math.log(2)})
+
+    def close(self) -> None:
+        self.checkpointer.close()
+        self.logger.close()
+        self.state.close()
 
 
 class Throughput:
@@ -120,16 +142,20 @@ class Throughput:
         self._reset()
 
     def _reset(self) -> None:
-        self.loss, self.patches, self.steps, self.start = 0.0, 0.0, 0, time.perf_counter()
+        self.loss, self.patches, self.steps, self.applied, self.start = 0.0, 0.0, 0, 0, time.perf_counter()
 
-    def add(self, loss_sum: float, patches: int) -> None:
-        self.loss, self.patches, self.steps = self.loss + loss_sum, self.patches + patches, self.steps + 1
+    def add(self, loss_sum: float | None, patches: int) -> None:
+        """One step's figures; ``loss_sum`` None for a skipped step (its bytes were read, not learnt)."""
+        self.patches, self.steps = self.patches + patches, self.steps + 1
+        if loss_sum is not None:
+            self.loss, self.applied = self.loss + loss_sum, self.applied + 1
 
-    def record(self, step: int, grad_norm: float, lr: float) -> dict:
+    def record(self, step: int, grad_norm: float, lr: float, skipped_steps: int) -> dict:
         loss_total, patches_total = self.reporter.sum([self.loss, self.patches])
         elapsed = time.perf_counter() - self.start
-        bytes_total = self.cfg.train.global_batch_size * self.cfg.train.seq_len * self.steps
-        loss = loss_total / bytes_total
+        step_bytes = self.cfg.train.global_batch_size * self.cfg.train.seq_len
+        bytes_total = step_bytes * self.steps
+        loss = loss_total / (step_bytes * self.applied) if self.applied else math.nan
         avg_patch_len = bytes_total / patches_total if self.counts_patches else None
         flops_per_byte = training_flops_per_byte(self.cfg.model, self.cfg.train.seq_len, avg_patch_len or 1.0)
         tflops = flops_per_byte * bytes_total / elapsed / self.world_size / 1e12
@@ -146,6 +172,7 @@ class Throughput:
             "mem_gb": peak_memory_gb(self.device),
             "tflops": tflops,
             "mfu": tflops / self.peak if self.peak else None,
+            "skipped_steps": skipped_steps,
         }
 
 
@@ -204,13 +231,13 @@ def main(argv: list[str] | None = None) -> None:
         train_docs, val_docs = build_datasets(cfg.data.path, cfg.data.text_field, cfg.data.val_fraction)
         snapshot = cfg.logging.memory_snapshot_on_oom and training_device(cfg.train).type == "cuda"
         with memory_snapshot_on_oom(snapshot, Path(cfg.output_dir), int(os.environ.get("RANK", "0"))):
-            train(cfg, train_docs, val_docs)
-    except UserError as error:
+            Trainer(cfg, train_docs, val_docs).run()
+    except (UserError, TrainingDiverged) as error:
         # Once per node: inputs such as data paths can differ between nodes.
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             where = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
             print(f"bltdist-train: error: {where}{error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(2 if isinstance(error, UserError) else 1)
 
 
 if __name__ == "__main__":

@@ -30,11 +30,14 @@ def _distinct_shards(tensor: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float, stage_size: int) -> float:
+def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float, stage_size: int, local_loss: float = 0.0) -> float:
     """Scale gradients in place so that their global norm is at most ``max_norm``; returns the norm
-    before clipping. ``stage_size`` = ranks per pipeline stage (world size / pp)."""
+    before clipping. ``stage_size`` = ranks per pipeline stage (world size / pp). A non-finite
+    ``local_loss`` (this rank's) makes the norm NaN on every rank: all ranks then agree that the
+    step is non-finite without another collective."""
     grads = [p.grad for p in parameters if p.grad is not None]
-    squared = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else "cpu")
+    device = grads[0].device if grads else "cpu"
+    squared = torch.tensor(0.0 if math.isfinite(local_loss) else math.nan, dtype=torch.float64, device=device)
     for grad in grads:
         copies = stage_size // _distinct_shards(grad)
         squared += _local(grad).double().square().sum() / copies
@@ -46,6 +49,14 @@ def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float, stage_size: 
         for grad in grads:
             _local(grad).mul_(coefficient)
     return total
+
+
+def first_nonfinite_gradient(named_parameters) -> str | None:
+    """The name of this rank's first parameter whose (local) gradient holds a NaN or an infinity."""
+    for name, param in named_parameters:
+        if param.grad is not None and not bool(torch.isfinite(_local(param.grad)).all()):
+            return clean_name(name)
+    return None
 
 
 def clean_name(name: str) -> str:

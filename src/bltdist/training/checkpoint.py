@@ -32,7 +32,7 @@ from torch.distributed.tensor import DTensor
 
 from bltdist.atomic import atomic_write, commit
 from bltdist.config import CheckpointConfig, config_from_dict
-from bltdist.errors import UserError
+from bltdist.errors import TrainingDiverged, UserError
 from bltdist.model_dir import save_weights_dir
 from bltdist.parallel.grads import clean_name
 
@@ -207,6 +207,14 @@ def _shapes(state: dict[str, dict]) -> dict[str, dict]:
     }
 
 
+def _first_nonfinite_weight(model_state: dict) -> str | None:
+    for name, tensor in model_state.items():
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        if local.is_floating_point() and not bool(torch.isfinite(local).all()):
+            return name
+    return None
+
+
 def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
     items = []
     for key, value in tree.items():
@@ -334,11 +342,18 @@ class Checkpointer:
         self.wait()
         tensors = _tensor_state(model_parts, optimizer)
         per_rank = {"rank": self.rank, "dp_rank": self.dp_rank, "loader": loader.state_dict(),
-                    "rng": _rng_state(self.device), "shapes": _shapes(tensors)}  # fmt: skip
+                    "rng": _rng_state(self.device), "shapes": _shapes(tensors),
+                    "nonfinite": _first_nonfinite_weight(tensors["model"])}  # fmt: skip
         gathered = [per_rank]
         if dist.is_initialized():
             gathered = [None] * self.world_size
             dist.all_gather_object(gathered, per_rank)
+        bad = [f"{entry['nonfinite']} on rank {entry['rank']}" for entry in gathered if entry["nonfinite"]]
+        if bad:
+            raise TrainingDiverged(
+                f"step {step}: not saved, the weights hold NaN or infinite values (first: {bad[0]}); the last "
+                "checkpoint stays the newest: resume from it with a lower optim.lr"
+            )
         metadata = {
             "format": FORMAT,
             "version": FORMAT_VERSION,

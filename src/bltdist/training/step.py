@@ -20,10 +20,11 @@ import torch
 import torch.distributed as dist
 
 from bltdist.config import TrainConfig
+from bltdist.errors import TrainingDiverged
 from bltdist.model.loss import byte_loss_sum
 from bltdist.parallel import Meshes, ParallelDims
 from bltdist.parallel.context import ContextParallelLayout
-from bltdist.parallel.grads import clip_grad_norm
+from bltdist.parallel.grads import clip_grad_norm, first_nonfinite_gradient
 from bltdist.parallel.pipeline import BLTPipeline
 from bltdist.patching.patcher import Patcher
 from bltdist.patching.rules import pad_patch_lengths
@@ -100,7 +101,8 @@ def optimizer_step(stepper: Stepper, next_batch, accum: int, dims: ParallelDims,
                    grad_clip: float, timer) -> tuple[float, int, float]:  # fmt: skip
     """One optimizer step over ``accum`` micro-batches from ``next_batch()`` ((tokens, targets,
     entropies) on the device); returns this rank's summed loss, the patches it counts, and the
-    gradient norm before clipping."""
+    gradient norm before clipping. A non-finite norm (NaN or infinite gradients, or loss on any
+    rank) leaves the parameters, the optimizer and the gradients as they are for the caller to judge."""
     loss_sum, patches = 0.0, 0
     for micro in range(accum):
         with timer.phase("data_wait"):
@@ -114,12 +116,56 @@ def optimizer_step(stepper: Stepper, next_batch, accum: int, dims: ParallelDims,
         loss_sum, patches = loss_sum + micro_loss, patches + micro_patches
     parameters = [p for part in stepper.model_parts for p in part.parameters()]
     with timer.phase("grad_norm_allreduce"):
-        grad_norm = clip_grad_norm(parameters, grad_clip if grad_clip > 0 else float("inf"), dims.world_size // dims.pp)
-    with timer.phase("optimizer"):
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        clip = grad_clip if grad_clip > 0 else float("inf")
+        grad_norm = clip_grad_norm(parameters, clip, dims.world_size // dims.pp, local_loss=loss_sum)
+    if math.isfinite(grad_norm):
+        with timer.phase("optimizer"):
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
     return loss_sum, patches, grad_norm
+
+
+def first_nonfinite(stepper: Stepper, loss_sum: float) -> str:
+    """What went non-finite first, by rank order: a rank's loss, or the gradient of a named parameter.
+    Collective: every rank calls it (they all saw the same non-finite norm)."""
+    mine = "the loss" if not math.isfinite(loss_sum) else None
+    if mine is None:
+        name = first_nonfinite_gradient(item for part in stepper.model_parts for item in part.named_parameters())
+        mine = f"the gradient of {name}" if name else None
+    found = [mine]
+    if dist.is_initialized():
+        found = [None] * dist.get_world_size()
+        dist.all_gather_object(found, mine)
+    return next((f"{what} on rank {rank}" for rank, what in enumerate(found) if what), "the gradient norm")
+
+
+class NonFiniteGuard:
+    """``train.nonfinite``: stop at the first step whose loss or gradients are not finite, or skip
+    such steps, at most ``train.max_skipped_steps`` in a row. Either way nothing of that step is
+    applied, so no non-finite weight is ever trained on, saved or exported."""
+
+    def __init__(self, train: TrainConfig):
+        self.policy, self.limit = train.nonfinite, train.max_skipped_steps
+        self.in_a_row, self.skipped = 0, 0
+
+    def applied(self, step: int, grad_norm: float, stepper: Stepper, loss_sum: float, optimizer) -> bool:
+        """Whether the step's update was applied; TrainingDiverged when the policy says stop."""
+        if math.isfinite(grad_norm):
+            self.in_a_row = 0
+            return True
+        culprit = first_nonfinite(stepper, loss_sum)
+        optimizer.zero_grad(set_to_none=True)
+        self.in_a_row, self.skipped = self.in_a_row + 1, self.skipped + 1
+        if self.policy == "skip" and self.in_a_row <= self.limit:
+            return False
+        why = "train.nonfinite is stop" if self.policy == "stop" else (
+            f"{self.in_a_row} steps in a row, more than train.max_skipped_steps = {self.limit}")  # fmt: skip
+        raise TrainingDiverged(
+            f"step {step}: non-finite loss or gradients, first in {culprit} ({why}); the step was not applied and "
+            "nothing non-finite was saved: resume from the last checkpoint with a lower optim.lr or a longer "
+            "optim.warmup_steps, or set train.nonfinite: skip to step over rare bad batches"
+        )
 
 
 class Reporter:
