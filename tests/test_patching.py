@@ -61,6 +61,21 @@ def test_entropy_monotonic_compares_the_rise_of_entropy():
     assert lengths_of(starts) == [1, 1, 2, 3, 1]
 
 
+def test_entropy_monotonic_starts_two_after_every_bos_of_a_packed_row():
+    tokens = doc_tokens(b"abcd", b"efgh")  # BOS a b c d EOS | BOS e f g h EOS
+    entropies = torch.tensor([[0.0, 5.0, 0.0, 0.0, 0.0, 0.0, 9.0, 0.0, 0.0, 2.0, 0.0, 0.0]])
+    starts = patch_starts(tokens, "entropy", entropies=entropies, threshold=1.0, threshold_mode="monotonic")
+    # Position 8 ("f") starts as the second document's position 2, though H(7) - H(6) = -9: H(6),
+    # the BOS's entropy, is never compared. The first rise compared is H(8) - H(7), for position 9;
+    # H(9) - H(8) = 2 starts position 10. (Patching by row position only gave [1, 1, 4, 1, 3, 2].)
+    assert lengths_of(starts) == [1, 1, 4, 1, 1, 2, 2]
+    alone = [patch_starts(tokens[:, :6], "entropy", entropies=entropies[:, :6], threshold=1.0,
+                          threshold_mode="monotonic"),
+             patch_starts(tokens[:, 6:], "entropy", entropies=entropies[:, 6:], threshold=1.0,
+                          threshold_mode="monotonic")]  # fmt: skip
+    assert torch.equal(starts, torch.cat(alone, dim=1))
+
+
 def test_max_patch_length_cuts_long_patches_from_their_start():
     tokens = doc_tokens(b"abcdefghij")[:, :-1]
     starts = patch_starts(tokens, "static", patch_size=8, max_patch_length=3)
@@ -183,15 +198,78 @@ def test_patching_invariants_on_random_packed_batches(mode, options):
         assert torch.equal(starts_of(lengths, tokens.shape[1]), starts)
 
 
-@pytest.mark.parametrize("mode", ["static", "space", "entropy"])
-def test_patching_is_vectorised(mode):
+def random_documents(generator: torch.Generator, lengths: list[int]) -> list[torch.Tensor]:
+    """Documents [BOS] + bytes (+ EOS, mostly) with the given byte counts; bytes mostly letters and spaces."""
+    alphabet = torch.tensor([ord(c) + 4 for c in "ab yz9,"] + [0xC3 + 4, 0xA9 + 4])
+    documents = []
+    for length in lengths:
+        body = alphabet[torch.randint(len(alphabet), (length,), generator=generator)]
+        end = [EOS_ID] if torch.rand(1, generator=generator) < 0.8 else []
+        documents.append(torch.cat([torch.tensor([BOS_ID]), body, torch.tensor(end, dtype=torch.long)]))
+    return documents
+
+
+def packed_rows_with_documents(seed: int) -> list[list[torch.Tensor]]:
+    """Rows as lists of their documents: different lengths, some of 1-3 bytes (and a bare BOS),
+    the first row starting mid-document (its first document has no BOS)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for row in range(6):
+        lengths = [int(n) for n in torch.randint(0, 40, (int(torch.randint(2, 7, (1,), generator=generator)),),
+                                                  generator=generator)]  # fmt: skip
+        lengths[int(torch.randint(len(lengths), (1,), generator=generator))] = row % 4  # 0-3 bytes
+        documents = random_documents(generator, lengths)
+        if row == 0:
+            documents[0] = documents[0][1:]  # mid-document: the row starts after this document's BOS
+        rows.append(documents)
+    return rows
+
+
+@pytest.mark.parametrize("mode", ["static", "space", "global", "monotonic"])
+@pytest.mark.parametrize("max_patch_length", [None, 1, 3])
+def test_packed_rows_patch_like_their_documents_patched_one_by_one(mode, max_patch_length):
+    """Patching is per document: a packed row gets exactly the patches that patching each of its
+    documents as a row of its own (starting with its BOS) and concatenating gives."""
+    threshold = 0.6 if mode == "monotonic" else 1.5
+    options = (
+        {"patch_size": 4} if mode in ("static", "space")
+        else {"entropies": None, "threshold": threshold, "threshold_mode": mode}
+    )  # fmt: skip
+    patch_mode = mode if mode in ("static", "space") else "entropy"
+    compared = 0
+    for seed in range(4):
+        generator = torch.Generator().manual_seed(100 + seed)
+        for documents in packed_rows_with_documents(seed):
+            entropies = [torch.rand(len(d), generator=generator) * 3 for d in documents]
+            tokens = torch.cat(documents).unsqueeze(0)
+            if patch_mode == "entropy":
+                options["entropies"] = torch.cat(entropies).unsqueeze(0)
+            packed = patch_starts(tokens, patch_mode, max_patch_length=max_patch_length, **options)
+            alone = []
+            for document, document_entropies in zip(documents, entropies):
+                if patch_mode == "entropy":
+                    options["entropies"] = document_entropies.unsqueeze(0)
+                alone.append(
+                    patch_starts(document.unsqueeze(0), patch_mode, max_patch_length=max_patch_length, **options)
+                )
+            assert torch.equal(packed, torch.cat(alone, dim=1)), (seed, tokens.tolist())
+            compared += len(documents)
+    assert compared > 40
+
+
+@pytest.mark.parametrize("mode, threshold_mode", [("static", None), ("space", None), ("entropy", "global"),
+                                                  ("entropy", "monotonic")])  # fmt: skip
+def test_patching_is_vectorised(mode, threshold_mode):
     """A Python loop over bytes would run more tensor ops on a longer batch; a vectorised rule runs
     the same ops whatever the length (counted, not timed: timings belong in benchmarks/)."""
+    options = {"threshold_mode": threshold_mode} if threshold_mode else {}
 
     def ops_for(seq_len: int) -> int:
         tokens, entropies = random_packed_batch(8, seq_len, seed=0)
         with CountOps() as counter:
-            patch_lengths(patch_starts(tokens, mode, entropies=entropies, threshold=1.5, max_patch_length=8))
+            patch_lengths(
+                patch_starts(tokens, mode, entropies=entropies, threshold=1.5, max_patch_length=8, **options)
+            )
         return counter.count
 
     assert ops_for(16384) == ops_for(1024)

@@ -42,10 +42,12 @@ def patch_starts(
         bytes and after every special token, so ``hello world`` gives ``hello `` and ``world``.
       - ``entropy``: ``entropies`` (B, T) holds H(t), the entropy of the prediction of byte t+1.
         ``threshold_mode="global"``: byte t+1 starts a patch when H(t) > threshold;
-        ``"monotonic"``: when H(t) - H(t-1) > threshold. H(0), the prediction right after the
-        first position, is never used (position 1 starts anyway): so in monotonic mode, which has no
-        rise to compare for H(1), position 2 always starts a patch. Both rules are those of the BLT
-        reference (``find_entropy_patch_start_ids``); the Hugging Face port has the global one only.
+        ``"monotonic"``: when H(t) - H(t-1) > threshold. Both rules apply per document, as the BLT
+        reference (``find_entropy_patch_start_ids``, run on each document) does: for a BOS-like
+        position b, H(b) is never used (b+1 starts anyway), so in monotonic mode, which has no rise
+        to compare for H(b+1), position b+2 always starts a patch, and no rise is compared across
+        a document boundary. A packed row thus gets exactly the patches of its documents patched
+        one by one. The Hugging Face port has the global rule only.
 
     Then, in every mode: positions 0 and 1 start patches, every BOS is a patch of its own, and
     with ``max_patch_length`` longer patches are cut into pieces of that length (the last piece
@@ -144,10 +146,17 @@ def _entropy_starts(
     starts = torch.zeros(tokens.shape, dtype=torch.bool, device=tokens.device)
     # H(t) for t in 1..T-2 decides position t+1; H(T-1) is about a byte outside the sequence.
     if threshold_mode == "global":
+        # Per document without masking: at a BOS-like position b, H(b) would decide b+1 and H(b-1)
+        # (the previous document's last position) would decide b, both of which start anyway.
         starts[:, 2:] = entropies[:, 1:-1] > threshold
     elif threshold_mode == "monotonic":
-        starts[:, 2:3] = True
+        # Per document: b+2 always starts and the first rise compared is H(b+2) - H(b+1), for b+3;
+        # a rise that reaches back to b or into the previous document is never used.
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        offset_after_bos = positions - _last_index_where(_bos_like(tokens))
         starts[:, 3:] = (entropies[:, 2:-1] - entropies[:, 1:-2]) > threshold
+        starts &= offset_after_bos >= 3
+        starts |= offset_after_bos == 2
     else:
         raise ValueError(f"unknown threshold_mode {threshold_mode!r}; expected one of {', '.join(THRESHOLD_MODES)}")
     return starts
