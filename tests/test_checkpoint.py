@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from bltdist.config import load_config
 from bltdist.training.parallelize import build_model
+from test_parallel import write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "workers" / "interrupt.py"
@@ -65,11 +66,7 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    for i in range(8):
-        words = " ".join(f"w{(i * 7 + j * 3) % 23}" for j in range(20 + 9 * i))
-        (root / f"doc{i:02d}.txt").write_text(f"document {i}: {words}\n")
-    return root
+    return write_corpus(tmp_path_factory.mktemp("corpus"), 8)
 
 
 @pytest.fixture(scope="module")

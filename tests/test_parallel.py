@@ -52,21 +52,29 @@ def weights_at(output_dir: Path, step: int) -> dict[str, torch.Tensor]:
     return load_file(model_dir / "model.safetensors")
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    for i in range(12):
+def write_corpus(root: Path, documents: int) -> Path:
+    """``documents`` text files of growing length, in one small vocabulary."""
+    for i in range(documents):
         words = " ".join(f"w{(i * 7 + j * 3) % 23}" for j in range(20 + 9 * i))
         (root / f"doc{i:02d}.txt").write_text(f"document {i}: {words}\n")
     return root
 
 
 @pytest.fixture(scope="module")
-def reference(corpus, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("single")
-    result = run([*MODEL, *TRAIN, "--train.micro_batch_size=4", f"--data.path={corpus}", f"--output_dir={out}"], 1)
+def corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus"), 12)
+
+
+def train_single_process(corpus: Path, out: Path, micro_batch_size: int) -> Path:
+    args = [*MODEL, *TRAIN, f"--train.micro_batch_size={micro_batch_size}", f"--data.path={corpus}"]
+    result = run([*args, f"--output_dir={out}"], 1)
     assert result.returncode == 0, result.stderr
     return out
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory) -> Path:
+    return train_single_process(corpus, tmp_path_factory.mktemp("single"), 4)
 
 
 def assert_matches_reference(reference: Path, out: Path) -> None:
@@ -157,10 +165,7 @@ def test_layout_gradients_match_single_process(layout, reference_gradients, tmp_
 @pytest.fixture(scope="module")
 def one_big_micro_batch(corpus, tmp_path_factory) -> Path:
     """One process, the whole global batch of 8 sequences in one micro-step."""
-    out = tmp_path_factory.mktemp("big")
-    result = run([*MODEL, *TRAIN, "--train.micro_batch_size=8", f"--data.path={corpus}", f"--output_dir={out}"], 1)
-    assert result.returncode == 0, result.stderr
-    return out
+    return train_single_process(corpus, tmp_path_factory.mktemp("big"), 8)
 
 
 ACCUMULATION = {

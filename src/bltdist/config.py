@@ -599,7 +599,10 @@ def load_config(path: str | None, overrides: list[str]) -> Config:
     cfg = Config()
     problems: list[str] = []
     if path is not None:
-        _merge(cfg, _read_yaml(path), "", problems)
+        try:
+            _merge(cfg, _read_yaml(path), "", problems)
+        except ConfigError as error:  # the overrides are still checked: every problem in one round
+            problems += error.problems
     for dotted, raw in _split_overrides(overrides, problems):
         _apply_override(cfg, dotted, raw, problems)
     problems += _problems(cfg)

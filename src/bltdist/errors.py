@@ -18,5 +18,13 @@ class DataError(UserError):
     """A data source that cannot be read or holds no documents; the message names the path."""
 
 
-class TrainingDiverged(Exception):
+class RunFailed(Exception):
+    """The run cannot go on; the message says why, where, and what to do (exit code 1, one line)."""
+
+
+class TrainingDiverged(RunFailed):
     """A step's loss or gradients were not finite and the non-finite policy says stop."""
+
+
+class CheckpointSaveFailed(RunFailed):
+    """A checkpoint could not be written (a full disk, a lost mount); the last complete one stays."""

@@ -18,7 +18,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from bltdist.config import Config, config_to_dict, load_config, parse_args, save_config
 from bltdist.data import PackedByteLoader, build_datasets
-from bltdist.errors import ConfigError, TrainingDiverged, UserError
+from bltdist.errors import ConfigError, RunFailed, TrainingDiverged, UserError
 from bltdist.flops import peak_tflops, training_flops_per_byte
 from bltdist.metrics import (
     MetricsLogger,
@@ -71,8 +71,9 @@ class Trainer:
     def run(self) -> None:
         try:
             preempted = self.train()
-        except TrainingDiverged as error:
-            self.logger.log({"step": self.step, "event": "nonfinite", "message": str(error)})
+        except RunFailed as error:
+            event = "nonfinite" if isinstance(error, TrainingDiverged) else "failed"
+            self.logger.log({"step": self.step, "event": event, "message": str(error)})
             self.close()
             raise
         if not preempted:
@@ -94,7 +95,11 @@ class Trainer:
         cfg, state, timer = self.cfg, self.state, self.timer
         start_step = self.checkpointer.restore(state.model_parts, state.optimizer, state.scheduler, self.loader)
         if start_step:
+            if self.checkpointer.resume_note:
+                self.logger.info(self.checkpointer.resume_note)
             self.logger.info(f"resumed from {self.checkpointer.resume_from} after step {start_step}")
+            # Steps after this line repeat step numbers of the interrupted run: readers keep the later ones.
+            self.logger.log({"step": start_step, "event": "resume", "from": str(self.checkpointer.resume_from)})
         else:
             self.validate(0)
         run_start = time.perf_counter()
@@ -216,7 +221,7 @@ def check_before_start(cfg: Config, world_size: int) -> None:
         check_model_dir("patching.entropy_model", cfg.patching.entropy_model)
     if cfg.checkpoint.init_from:
         check_model_dir("checkpoint.init_from", cfg.checkpoint.init_from)
-    check_resumable(cfg.checkpoint, cfg.output_dir, meta_model(cfg.model))
+    check_resumable(cfg.checkpoint, cfg.output_dir, config_to_dict(cfg), meta_model(cfg.model))
     sink_problems = missing_sink_packages(cfg.logging)
     if sink_problems:
         raise ConfigError(sink_problems)
@@ -225,18 +230,21 @@ def check_before_start(cfg: Config, world_size: int) -> None:
 @record
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    started = False
     try:
         cfg = load_config(*parse_args(argv))
         check_before_start(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         train_docs, val_docs = build_datasets(cfg.data.path, cfg.data.text_field, cfg.data.val_fraction)
         snapshot = cfg.logging.memory_snapshot_on_oom and training_device(cfg.train).type == "cuda"
         with memory_snapshot_on_oom(snapshot, Path(cfg.output_dir), int(os.environ.get("RANK", "0"))):
+            started = True
             Trainer(cfg, train_docs, val_docs).run()
-    except (UserError, TrainingDiverged) as error:
-        # Once per node: inputs such as data paths can differ between nodes.
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    except (UserError, RunFailed) as error:
+        # Every rank finds the same problems before the start and agrees on a RunFailed: one message
+        # per node. A UserError after the start may be one rank's alone (a file it cannot read).
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0 or (started and isinstance(error, UserError)):
             where = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-            print(f"bltdist-train: error: {where}{error}", file=sys.stderr)
+            print(f"bltdist-train: error: {where}{error}", file=sys.stderr, flush=True)
         sys.exit(2 if isinstance(error, UserError) else 1)
 
 

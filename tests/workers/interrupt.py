@@ -5,11 +5,13 @@
 - ``kill-after-step``: SIGKILL right after step STEP's metrics line (a crash mid-training);
 - ``kill-in-save``: SIGKILL while the checkpoint of step STEP is written, after every shard is
   on disk but before it is committed (a crash mid-save);
-- ``sigterm-after-step``: SIGTERM to itself after step STEP (a preemption notice).
+- ``sigterm-after-step``: SIGTERM to itself after step STEP (a preemption notice);
+- ``disk-full-in-save``: writing the shards of step STEP's checkpoint fails with ENOSPC.
 
 Only the trigger is patched in; the trainer, the signals and the processes are real.
 """
 
+import errno
 import os
 import signal
 import sys
@@ -43,12 +45,24 @@ def patch_commit() -> None:
     checkpointer.Checkpointer._commit = killed_before_commit
 
 
+def patch_disk_full() -> None:
+    class FullDiskWriter(checkpointer.HuggingFaceStorageWriter):
+        def write_data(self, plan, planner):
+            if f".step_{STEP}.tmp" in str(self.path):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+            return super().write_data(plan, planner)
+
+    checkpointer.HuggingFaceStorageWriter = FullDiskWriter
+
+
 if MODE == "kill-after-step":
     patch_after_step(signal.SIGKILL)
 elif MODE == "sigterm-after-step":
     patch_after_step(signal.SIGTERM)
 elif MODE == "kill-in-save":
     patch_commit()
+elif MODE == "disk-full-in-save":
+    patch_disk_full()
 else:
     raise SystemExit(f"unknown mode {MODE}")
 train.main(TRAINER_ARGS)

@@ -8,6 +8,7 @@ import glob
 import json
 import os
 import sysconfig
+import warnings
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -53,6 +54,12 @@ def list_files(path: str | None) -> list[Path]:
         return _stdlib_files()
     given = Path(path)
     if given.is_file():
+        if not _is_readable_data_file(given):
+            warnings.warn(
+                f"data.path {given} looks binary (a NUL byte in its first {BINARY_SNIFF_BYTES} bytes); training on its "
+                "raw bytes as one document. Point data.path at text, JSONL or Parquet if that is not what you meant",
+                stacklevel=2,
+            )
         return [given]
     if given.is_dir():
         files = _directory_files(given)

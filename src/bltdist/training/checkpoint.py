@@ -27,12 +27,13 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 from torch.distributed.tensor import DTensor
 
 from bltdist.atomic import atomic_write, commit
 from bltdist.config import CheckpointConfig, config_from_dict
-from bltdist.errors import TrainingDiverged, UserError
+from bltdist.errors import CheckpointSaveFailed, TrainingDiverged, UserError
 from bltdist.model_dir import save_weights_dir
 from bltdist.parallel.grads import clean_name
 
@@ -50,30 +51,43 @@ def checkpoints_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def resolve_resume(cfg: CheckpointConfig, output_dir: str | Path) -> Path | None:
-    """The checkpoint ``checkpoint.resume`` names, or None for a fresh start. ``auto`` follows
-    ``latest`` in output_dir and starts fresh when there is none yet (the first launch of a job)."""
-    resume = cfg.resume
-    if resume is None:
-        return None
-    if resume == "auto":
-        latest = checkpoints_dir(output_dir) / LATEST_FILE
-        if not latest.is_file():
-            return None
-        path = latest.parent / latest.read_text(encoding="utf-8").strip()
+def resolve_resume(cfg: CheckpointConfig, output_dir: str | Path) -> tuple[Path | None, str | None]:
+    """The checkpoint to resume (None for a fresh start) and, when it is not what ``latest`` names,
+    a line that says why. ``auto`` follows ``latest`` in output_dir; when ``latest`` is missing or
+    names no complete checkpoint, the newest complete one is taken; with none it starts fresh."""
+    root = checkpoints_dir(output_dir)
+    if cfg.resume is None:
+        found = complete_checkpoints(root)
+        if found:
+            raise UserError(
+                f"output_dir {output_dir} already holds checkpoints ({', '.join(p.name for p in found)}): a new run "
+                "there would delete them and add to its metrics.jsonl; resume with --checkpoint.resume auto, or "
+                "give another output_dir"
+            )
+        return None, None
+    if cfg.resume != "auto":
+        path = Path(cfg.resume)
         if not (path / METADATA_FILE).is_file():
             raise UserError(
-                f"{latest} names {path.name}, which is not a complete checkpoint; pass an earlier one with "
-                "--checkpoint.resume PATH, or remove the file to start afresh"
+                f"checkpoint.resume: {path} is not a bltdist checkpoint (no {METADATA_FILE}); give a "
+                f"directory such as {root / 'step_1000'} or 'auto'"
             )
-        return path
-    path = Path(resume)
-    if not (path / METADATA_FILE).is_file():
+        return path, None
+    latest, found = root / LATEST_FILE, complete_checkpoints(root)
+    named = latest.read_text(encoding="utf-8", errors="replace").strip() if latest.is_file() else None
+    if named is not None and ("/" in named or "\\" in named or named.startswith(".")):
         raise UserError(
-            f"checkpoint.resume: {path} is not a bltdist checkpoint (no {METADATA_FILE}); give a "
-            f"directory such as {checkpoints_dir(output_dir) / 'step_1000'} or 'auto'"
+            f"{latest} names {named!r}, outside this run's checkpoints; it must name a step_N directory beside "
+            f"it: fix or delete the file (then the newest complete checkpoint is resumed)"
         )
-    return path
+    if named is not None and root / named in found:
+        return root / named, None
+    if not found:
+        if named is not None:
+            raise UserError(f"{latest} names {named!r}, but {root} holds no complete checkpoint; delete {latest} to start afresh")
+        return None, None
+    why = "is missing" if named is None else f"names {named!r}, which is not a complete checkpoint"
+    return found[-1], f"{latest} {why}: resuming from the newest complete checkpoint, {found[-1].name}"
 
 
 def read_metadata(path: Path) -> dict:
@@ -91,14 +105,23 @@ def read_metadata(path: Path) -> dict:
     return metadata
 
 
-def check_resumable(cfg: CheckpointConfig, output_dir: str | Path, model: nn.Module) -> None:
+def check_resumable(cfg: CheckpointConfig, output_dir: str | Path, run_config: dict, model: nn.Module) -> None:
     """Before any process starts training or writes a file: the checkpoint to resume is complete
-    and holds a model of ``model``'s shapes (a model on the meta device is enough)."""
-    path = resolve_resume(cfg, output_dir)
+    and holds a model of ``model``'s shapes (a model on the meta device is enough), and the run's
+    ``run_config`` (a config dict) keeps the batch, sequence length and seed the data position needs."""
+    path, _ = resolve_resume(cfg, output_dir)
     if path is None:
         return
     metadata = read_metadata(path)
     _check_shard_files(path, metadata)
+    saved_train, train = metadata["config"]["train"], run_config["train"]
+    changed = [f"train.{key} {saved_train[key]} -> {train[key]}" for key in ("global_batch_size", "seq_len", "seed")
+               if saved_train[key] != train[key]]  # fmt: skip
+    if changed:
+        raise UserError(
+            f"{path}: cannot resume with {', '.join(changed)}: the data position and order depend on them; "
+            "resume with the checkpoint's values, or start a new output_dir (with checkpoint.init_from for its weights)"
+        )
     saved = metadata["tensors"]["model"]
     problems = [f"missing tensor {name}" for name in model.state_dict() if name not in saved]
     problems += [
@@ -117,6 +140,13 @@ def check_resumable(cfg: CheckpointConfig, output_dir: str | Path, model: nn.Mod
 
 
 def _check_shard_files(path: Path, metadata: dict) -> None:
+    listed = {shard["file"] for shard in metadata["shards"]}
+    stray = sorted(p.name for p in path.glob(f"*{SHARD_SUFFIX}") if p.name not in listed)
+    if stray:
+        raise UserError(
+            f"{path} holds {', '.join(stray)}, which its {METADATA_FILE} does not list (a stray copy would be read as "
+            "part of the checkpoint); move it out of the checkpoint directory"
+        )
     for shard in metadata["shards"]:
         file = path / shard["file"]
         if not file.is_file():
@@ -207,6 +237,14 @@ def _shapes(state: dict[str, dict]) -> dict[str, dict]:
     }
 
 
+def _root_cause(error: BaseException) -> str:
+    failures = getattr(error, "failures", None)  # torch.distributed.checkpoint's CheckpointException
+    if failures:
+        first = next(iter(failures.values()))
+        error = getattr(first, "exc", first)
+    return f"{type(error).__name__}: {error}".splitlines()[0]
+
+
 def _first_nonfinite_weight(model_state: dict) -> str | None:
     for name, tensor in model_state.items():
         local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
@@ -284,7 +322,7 @@ class Checkpointer:
             # Left by a save that was interrupted; never read, and in the way of the next save.
             for leftover in self.root.glob(".step_*"):
                 shutil.rmtree(leftover)
-        self.resume_from = resolve_resume(cfg, output_dir)
+        self.resume_from, self.resume_note = resolve_resume(cfg, output_dir)
         if self.resume_from is not None:
             self.resume_metadata = read_metadata(self.resume_from)
             verify_checksums(self.resume_from, self.resume_metadata, self.group)
@@ -322,6 +360,8 @@ class Checkpointer:
 
     def after_step(self, step: int) -> bool:
         """Saves when due; True when a preemption signal arrived: the state is saved, stop now."""
+        if self.pending is not None and self.pending.done():
+            self.wait()  # an async save that failed stops the run now, not at the next save
         preempted = self._agree(self.preempted)
         if preempted or step == self.final_step or (self.cfg.interval and step % self.cfg.interval == 0):
             self.save(step)
@@ -389,8 +429,14 @@ class Checkpointer:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         self._barrier()
-        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(staging), save_distributed=True),
-                 process_group=self.group, no_dist=self.group is None)  # fmt: skip
+        try:
+            dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(staging), save_distributed=True),
+                     process_group=self.group, no_dist=self.group is None)  # fmt: skip
+        except (Exception, CheckpointException) as error:  # a BaseException: DCP gathers every rank's failure
+            raise CheckpointSaveFailed(
+                f"checkpoint of step {metadata['step']} could not be written to {staging}: {_root_cause(error)}; "
+                f"{self._newest_note()} free space or fix the storage, then resume with --checkpoint.resume auto"
+            ) from None
         # dcp.save returns on every rank only after the coordinator has every rank's write results.
         files = sorted(p.name for p in staging.iterdir() if p.name.endswith(SHARD_SUFFIX))
         sums = {file: (_crc32(staging / file), (staging / file).stat().st_size)
@@ -403,6 +449,10 @@ class Checkpointer:
             metadata["shards"] = [{"file": file, "bytes": sums[file][1], "crc32": sums[file][0]} for file in files]
             self._commit(staging, self.root / name, metadata)
         self._barrier()
+
+    def _newest_note(self) -> str:
+        found = complete_checkpoints(self.root)
+        return f"the newest complete checkpoint is still {found[-1]};" if found else "no checkpoint is complete yet;"
 
     def _barrier(self) -> None:
         if self.group is not None:
@@ -419,8 +469,8 @@ class Checkpointer:
                 shutil.rmtree(old)
 
     def latest(self) -> Path:
-        """The newest complete checkpoint."""
-        return self.root / (self.root / LATEST_FILE).read_text(encoding="utf-8").strip()
+        """The newest complete checkpoint (``latest`` may be missing after a resume that saved nothing)."""
+        return complete_checkpoints(self.root)[-1]
 
     def wait(self) -> None:
         """Blocks until the async save in flight (if any) is complete; re-raises its error."""

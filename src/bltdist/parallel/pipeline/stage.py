@@ -109,13 +109,13 @@ class BLTStage(BLT):
     to ``cp_width`` bytes so that every microbatch, and so every activation, has one shape.
     """
 
-    def __init__(self, model: BLT, stage_index: int, num_stages: int, layers: range, carry: ByteStateCarry | None,
-                 cp_group: dist.ProcessGroup | None):  # fmt: skip
+    def __init__(self, model: BLT, stage_index: int, num_stages: int, layers: range, v_shaped: bool,
+                 carry: ByteStateCarry | None, cp_group: dist.ProcessGroup | None):  # fmt: skip
         with torch.device("meta"):
             super().__init__(model.cfg, model.attention_backend)  # a skeleton whose parts are replaced below
         self.stage_index, self.num_stages = stage_index, num_stages
         self.is_first, self.is_last = stage_index == 0, stage_index == num_stages - 1
-        self.carry, self.cp_group = carry, cp_group
+        self.carry, self.cp_group, self.v_shaped = carry, cp_group, v_shaped
         source = model.global_model
         self.encoder = model.encoder if self.is_first else None
         self.global_model.in_proj = source.in_proj if self.is_first else None
@@ -135,8 +135,9 @@ class BLTStage(BLT):
         if self.is_last:
             return out
         patch_states, byte_states = out
-        if self.carry is None:
+        if not self.v_shaped:
             return patch_states, byte_states
+        # In the V the byte states stay on rank 0 (first and last stage): only patch states travel.
         return self.carry.send(patch_states, byte_states) if self.is_first else patch_states
 
 
@@ -148,6 +149,7 @@ def split_model(model: BLT, pp_rank: int, pp_size: int, schedule: str,
     num_stages = pp_size * stages_per_rank(schedule)
     layers = layer_split(len(model.global_model.layers), num_stages)
     # The V puts the first and the last stage on rank 0: there the byte states stay on the rank.
-    carry = ByteStateCarry() if schedule in V_SHAPED_SCHEDULES and pp_rank == 0 else None
+    v_shaped = schedule in V_SHAPED_SCHEDULES
+    carry = ByteStateCarry() if v_shaped and pp_rank == 0 else None
     indices = stage_indices(pp_rank, pp_size, schedule)
-    return [BLTStage(model, index, num_stages, layers[index], carry, cp_group) for index in indices]
+    return [BLTStage(model, index, num_stages, layers[index], v_shaped, carry, cp_group) for index in indices]
