@@ -146,15 +146,22 @@ def model_worker(rank: int, world_size: int, rendezvous: str, overrides: dict) -
         error = relative_error(param.grad, reference_param.grad)
         assert error < TOLERANCE, f"rank {rank}: grad of {name} off by {error:.2e}"
 
-    # The project's AdamW at its full peak lr (the trainer's first step runs at lr / warmup_steps).
-    # Adam's first step is about lr * sign(grad), so it magnifies the rounding noise of gradients
-    # near zero: the gradients above are the strict check, this one is the trainer's contract.
+    # The project's AdamW at its full peak lr. Adam's first step is lr * g / (|g| + eps): about
+    # lr * sign(g), so where g is as small as the rounding noise of the summation order its sign, and
+    # the step, is a coin flip on any machine. Weights are compared where the step is well
+    # conditioned (|g| far above eps and the noise); the gradients above are the strict check.
     optim = OptimConfig()
+    well_conditioned = [
+        p.grad.abs() > max(1000 * optim.eps, 1e-3 * float(p.grad.abs().max())) for p in reference_model.parameters()
+    ]
     for net in (model, reference_model):
         betas = (optim.beta1, optim.beta2)
         torch.optim.AdamW(net.parameters(), optim.lr, betas, optim.eps, optim.weight_decay).step()
-    for (name, param), reference_param in zip(model.named_parameters(), reference_model.parameters()):
-        error = relative_error(param.detach(), reference_param.detach())
+    compared = sum(int(mask.sum()) for mask in well_conditioned) / sum(p.numel() for p in model.parameters())
+    assert compared > 0.5, f"only {compared:.0%} of the weights have a well-conditioned first step"
+    for (name, param), reference_param, mask in zip(model.named_parameters(), reference_model.parameters(),
+                                                    well_conditioned):  # fmt: skip
+        error = relative_error(param.detach()[mask], reference_param.detach()[mask])
         assert error < TOLERANCE, f"rank {rank}: {name} after one step off by {error:.2e}"
     dist.destroy_process_group()
 

@@ -13,10 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bltdist.training.checkpoint import consolidate
 from bltdist.config import load_config
 from bltdist.errors import ConfigError
 from bltdist.parallel import ParallelDims
+from bltdist.training.checkpoint import consolidate
+from bltdist.training.optim import lr_factor
+from bltdist.training.parallelize import build_model
 from test_train import run_trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,11 +88,21 @@ def assert_matches_reference(reference: Path, out: Path) -> None:
             assert b[key] == pytest.approx(a[key], rel=1e-5), f"{key} at step {a['step']}: {b[key]} vs {a[key]}"
     single, parallel = weights_at(reference, 1), weights_at(out, 1)
     assert parallel.keys() == single.keys()
-    # Adam's first update is lr * g / (|g| + eps): where a gradient is near eps, a 1e-7 relative
-    # difference in the summation order moves the update by far more, so an absolute floor of
-    # 1e-6 (5e-5 of the init scale) accompanies the 1e-5 relative bound.
+    # Adam's first update is lr * g / (|g| + eps), about lr * sign(g): where |g| is near eps the
+    # summation order of any machine flips it. Where the update saturated (|g| >> eps) it is well
+    # conditioned and compared tightly; elsewhere a step can differ by at most twice the lr.
+    cfg = load_config(None, [*MODEL, *TRAIN])
+    initial = build_model(cfg.model, cfg.train.seed, None, torch.device("cpu")).state_dict()
+    lr = cfg.optim.lr * lr_factor(0, cfg.optim, cfg.train.steps)
+    compared = 0
     for name, tensor in single.items():
-        torch.testing.assert_close(parallel[name], tensor, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        decayed = initial[name] * (1 - lr * cfg.optim.weight_decay) if tensor.ndim >= 2 else initial[name]
+        well_conditioned = ((decayed - tensor) / lr).abs() > 0.999
+        compared += int(well_conditioned.sum())
+        torch.testing.assert_close(parallel[name][well_conditioned], tensor[well_conditioned], rtol=1e-5, atol=1e-7,
+                                   msg=lambda m: f"{name} where its first step is well conditioned: {m}")  # fmt: skip
+        torch.testing.assert_close(parallel[name], tensor, rtol=0, atol=2.01 * lr, msg=lambda m: f"{name}: {m}")
+    assert compared > 0.5 * sum(t.numel() for t in single.values())
 
 
 LAYOUTS = {
