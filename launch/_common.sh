@@ -43,20 +43,130 @@ detect_nproc_per_node() {  # NPROC_PER_NODE from the environment, else the numbe
     NPROC_PER_NODE=$gpus
 }
 
+# Preemption. The trainer handles SIGTERM and SIGUSR1 itself: it finishes the current step, saves a
+# checkpoint and exits 0. torchrun must not get those signals: on SIGTERM it SIGKILLs its workers
+# 30 s later and exits 1, and SIGUSR1 kills it at once. So torchrun runs in the background, in a
+# session of its own (Ctrl-C, or a signal to this script's process group, reaches only this script)
+# and with SIGUSR1 ignored (Slurm signals every process of a job step); this script passes SIGTERM,
+# SIGINT and SIGHUP (as SIGTERM) and SIGUSR1 to torchrun's children, the trainer processes, and goes
+# on waiting for torchrun, whose exit code (0 after the save) it returns. A second signal, or
+# BLTDIST_SHUTDOWN_GRACE seconds (default 600) without an exit, sends SIGTERM to torchrun itself:
+# it ends the trainer processes (SIGKILL after 30 s) and exits non-zero, with no checkpoint of the
+# step in progress.
+_shutdown_stage=0   # 0 training, 1 the trainer processes were asked to save and stop, 2 torchrun was stopped
+_shutdown_events=0  # signals handled, so that a wait cut short by one is told from torchrun's exit
+_torchrun_pid=
+_grace_timer=
+
+note() {
+    echo "$(basename "$0"): $*" >&2
+}
+
+_children_of() {  # the pids of the processes whose parent is $1
+    if command -v pgrep >/dev/null; then
+        pgrep -P "$1" || true
+    else
+        cat /proc/"$1"/task/*/children 2>/dev/null || true
+    fi
+}
+
+_stop_torchrun() {  # _stop_torchrun WHY: the forced stop
+    _shutdown_stage=2
+    note "$1: stopping torchrun (SIGTERM; it ends the trainer processes, with SIGKILL after 30 s); the step in progress is not saved"
+    kill -s TERM "$_torchrun_pid" 2>/dev/null || true
+}
+
+_on_shutdown_signal() {  # trap of TERM, INT, HUP and USR1 while torchrun runs
+    local sig=$1 forward workers
+    _shutdown_events=$((_shutdown_events + 1))
+    [[ -n $_torchrun_pid ]] || return 0  # torchrun not started yet: run_torchrun sees the stage
+    case $_shutdown_stage in
+    0)
+        forward=$sig
+        [[ $sig == USR1 ]] || forward=TERM  # the trainer saves on SIGTERM and SIGUSR1 only
+        workers=$(_children_of "$_torchrun_pid")
+        if [[ -z $workers ]]; then
+            _stop_torchrun "got SIG$sig before the trainer processes started"
+            return 0
+        fi
+        _shutdown_stage=1
+        note "got SIG$sig: asking the trainer processes to finish the step, save a checkpoint and exit" \
+            "(SIG$forward to $(echo $workers)); waiting up to BLTDIST_SHUTDOWN_GRACE=$BLTDIST_SHUTDOWN_GRACE s," \
+            "a second signal stops them without saving"
+        kill -s "$forward" $workers 2>/dev/null || true
+        # The timer ignores the signals a whole job step may get, so that they cannot cancel it.
+        ( trap '' INT TERM HUP USR1; sleep "$BLTDIST_SHUTDOWN_GRACE" && kill -s ALRM $$ ) &
+        _grace_timer=$!
+        ;;
+    1) _stop_torchrun "got a second signal (SIG$sig)" ;;
+    *) note "got SIG$sig: already stopping torchrun" ;;
+    esac
+}
+
+_on_grace_over() {
+    _shutdown_events=$((_shutdown_events + 1))
+    if (( _shutdown_stage == 1 )); then
+        _stop_torchrun "the trainer processes did not exit within BLTDIST_SHUTDOWN_GRACE=$BLTDIST_SHUTDOWN_GRACE s"
+    fi
+}
+
+_cancel_grace_timer() {
+    [[ -n $_grace_timer ]] || return 0
+    # The sleep first: its timer then ends without signalling.
+    kill -s KILL $(_children_of "$_grace_timer") "$_grace_timer" 2>/dev/null || true
+    wait "$_grace_timer" 2>/dev/null || true
+    _grace_timer=
+}
+
 run_torchrun() {  # run_torchrun ARGS...: torchrun, its stderr also kept to explain a failed rendezvous
-    local log status
+    local log status events sig
+    BLTDIST_SHUTDOWN_GRACE=${BLTDIST_SHUTDOWN_GRACE:-600}
+    require_int BLTDIST_SHUTDOWN_GRACE 1
     log=$(mktemp "${TMPDIR:-/tmp}/bltdist-launch.XXXXXX")
     set +e
-    "$PYTHON" -m torch.distributed.run "$@" 2> >(tee "$log" >&2)
-    status=$?
+    for sig in TERM INT HUP USR1; do
+        trap "_on_shutdown_signal $sig" "$sig"
+    done
+    trap _on_grace_over ALRM
+    local setsid=
+    command -v setsid >/dev/null && setsid=setsid
+    {
+        # Not a process group leader (no job control), so setsid execs torchrun without forking:
+        # $! is torchrun's pid. The trainer installs its own SIGUSR1 handler over the inherited SIG_IGN.
+        ( trap '' USR1; exec $setsid "$PYTHON" -m torch.distributed.run "$@" ) &
+        _torchrun_pid=$!
+    } 2> >(trap '' INT TERM HUP USR1; exec tee "$log" >&2)
+    if (( _shutdown_events > 0 && _shutdown_stage == 0 )); then
+        _stop_torchrun "got a signal while torchrun was starting"
+    fi
+    while :; do
+        events=$_shutdown_events
+        wait "$_torchrun_pid"
+        status=$?
+        (( _shutdown_events == events )) && break  # torchrun ended
+        kill -0 "$_torchrun_pid" 2>/dev/null && continue  # a signal cut the wait short
+        # torchrun ended as a signal arrived: its status, unless this wait already returned it
+        wait "$_torchrun_pid" 2>/dev/null
+        events=$?
+        (( events == 127 )) || status=$events
+        break
+    done
+    trap '' TERM INT HUP USR1 ALRM  # torchrun is gone; nothing left to stop
+    _cancel_grace_timer
     wait  # for tee, so the log is complete
     set -e
-    if (( status != 0 )) && grep -q -E "Rendezvous(Timeout|Connection|Closed)Error|DistNetworkError|DistStoreError" "$log"; then
+    if (( status != 0 && _shutdown_stage == 0 )) \
+        && grep -q -E "Rendezvous(Timeout|Connection|Closed)Error|DistNetworkError|DistStoreError" "$log"; then
         rm -f "$log"
         fail 3 "the rendezvous at ${RDZV_ENDPOINT:-localhost} did not complete within ${RDZV_TIMEOUT:-its timeout} s:" \
             "check that NNODES=${NNODES:-1} nodes were started, that every node uses the same MASTER_ADDR:MASTER_PORT," \
             "and that node 0 is reachable there from every node (firewall, interface)"
     fi
     rm -f "$log"
+    if (( _shutdown_stage == 1 && status == 0 )); then
+        note "the trainer processes saved a checkpoint and exited"
+    elif (( _shutdown_stage > 0 )); then
+        note "torchrun exited with code $status after the stop signal"
+    fi
     return "$status"
 }

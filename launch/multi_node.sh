@@ -22,8 +22,16 @@ environment (optional):
                    after that the script exits with code 3 and says what to check
   RDZV_ID          job id shared by the nodes (default bltdist-MASTER_PORT)
   PYTHON           interpreter with bltdist installed (default: python3)
+  BLTDIST_SHUTDOWN_GRACE  seconds to wait for the checkpoint after a stop signal (default 600)
 
-exit codes: 0 success, 2 bad config or environment, 3 rendezvous failed, other: the trainer failed.
+signals: SIGTERM, SIGINT (Ctrl-C), SIGHUP and SIGUSR1 go to this node's trainer processes, not to
+torchrun. The ranks of all nodes agree to stop after the current step, save
+output_dir/checkpoints/step_N and exit 0, so a signal to one node's script stops every node cleanly.
+A second signal, or BLTDIST_SHUTDOWN_GRACE seconds without an exit, stops torchrun (no checkpoint
+of that step) and the script exits non-zero.
+
+exit codes: 0 success (also after a checkpoint on a signal), 2 bad config or environment,
+3 rendezvous failed, other: the trainer failed or was stopped.
 
 example (two 8-GPU nodes):
   node0$ NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 launch/multi_node.sh configs/blt_1b.yaml

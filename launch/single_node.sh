@@ -14,6 +14,15 @@ environment:
   NPROC_PER_NODE   processes to start (default: the number of GPUs torch sees; required on CPU)
   PYTHON           interpreter with bltdist installed (default: python3)
   OMP_NUM_THREADS  CPU threads per process (default 1 on CPU-only runs is sensible)
+  BLTDIST_SHUTDOWN_GRACE  seconds to wait for the checkpoint after a stop signal (default 600)
+
+signals: SIGTERM, SIGINT (Ctrl-C), SIGHUP and SIGUSR1 go to the trainer processes, not to
+torchrun: they finish the current step, save output_dir/checkpoints/step_N and exit 0, and so does
+this script. A second signal, or BLTDIST_SHUTDOWN_GRACE seconds without an exit, stops torchrun
+(no checkpoint of that step) and the script exits non-zero.
+
+exit codes: 0 success (also after a checkpoint on a signal), 2 bad config or environment,
+other: the trainer failed or was stopped.
 
 example:
   launch/single_node.sh configs/blt_1b.yaml --output_dir runs/blt_1b
