@@ -19,7 +19,8 @@ LAYERS = [
      "bltdist.patching.store", "bltdist.patching.patcher"),
     ("bltdist.parallel",),
     ("bltdist.training",),
-    ("bltdist.train", "bltdist.plan", "bltdist.convert", "bltdist.patch", "bltdist.patching.cli", "bltdist"),
+    ("bltdist.train", "bltdist.plan", "bltdist.convert", "bltdist.patch", "bltdist.patching.cli", "bltdist.generate",
+     "bltdist.evaluate", "bltdist"),
 ]  # fmt: skip
 
 
