@@ -33,6 +33,9 @@ setup(
             "bltdist-train=bltdist.train:main",
             "bltdist-convert=bltdist.convert:main",
             "bltdist-patch=bltdist.patching.cli:main",
+            "bltdist-data=bltdist.data.cli:main",
+            "bltdist-generate=bltdist.generate:main",
+            "bltdist-evaluate=bltdist.evaluate:main",
         ]
     },
 )

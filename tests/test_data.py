@@ -1,15 +1,18 @@
+import gzip
 import json
 import sys
 import zlib
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from bltdist.data import (
+    DocumentTable,
     PackedByteLoader,
     build_datasets,
     iter_documents,
@@ -19,7 +22,7 @@ from bltdist.data import (
     split_documents,
 )
 from bltdist.errors import DataError
-from bltdist.patching import BOS_ID, EOS_ID
+from bltdist.patching import BOS_ID, EOS_ID, document_tokens
 
 
 def write(path: Path, data: bytes | str) -> Path:
@@ -47,7 +50,7 @@ def test_text_file_is_one_document_split_by_bytes(tmp_path):
     file = write(tmp_path / "book.txt", b"0123456789" * 10)
     assert list(iter_documents(list_files(str(file)))) == [("book.txt", b"0123456789" * 10)]
     train, val = build_datasets(str(file), "text", 0.1)
-    assert train == [(b"0123456789" * 10)[:90]] and val == [b"0123456789"]
+    assert list(train) == [(b"0123456789" * 10)[:90]] and list(val) == [b"0123456789"]
 
 
 def test_directory_is_recursive_sorted_and_skips_hidden_compiled_binary_and_empty(tmp_path):
@@ -90,6 +93,40 @@ def test_parquet_string_and_binary_columns(tmp_path):
         ("s.parquet:2", b"gamma"),
         ("t.parquet:0", b"\xff\x00raw"),
     ]
+
+
+def test_gzip_compressed_text_and_json_lines_read_as_their_content(tmp_path):
+    write(tmp_path / "book.txt.gz", gzip.compress(b"\x00binary-looking but compressed"))
+    write(tmp_path / "rows.jsonl.gz", gzip.compress(b'{"text": "one"}\n\n{"text": "two"}\n'))
+    assert load_documents(str(tmp_path)) == [
+        ("book.txt.gz", b"\x00binary-looking but compressed"),
+        ("rows.jsonl.gz:1", b"one"),
+        ("rows.jsonl.gz:3", b"two"),
+    ]
+    assert_data_error(write(tmp_path / "bad" / "broken.jsonl.gz", b"not gzip"), "cannot read")
+
+
+def test_zstandard_compressed_json_lines_read_as_their_content(tmp_path):
+    zstandard = pytest.importorskip("zstandard")
+    file = write(tmp_path / "rows.jsonl.zst", zstandard.ZstdCompressor().compress(b'{"text": "z"}\n{"text": "y"}\n'))
+    assert load_documents(str(file)) == [("rows.jsonl.zst:1", b"z"), ("rows.jsonl.zst:2", b"y")]
+
+
+def test_missing_zstandard_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "zstandard", None)
+    assert_data_error(write(tmp_path / "rows.jsonl.zst", b"\x28\xb5\x2f\xfd"), "pip install zstandard")
+
+
+def test_document_set_token_spans_are_the_tokenised_documents():
+    documents = [b"", b"a", b"\xff\x00bc", bytes(range(256))]
+    table = DocumentTable.from_documents([(str(index), data) for index, data in enumerate(documents)])
+    selected = table.select(np.arange(len(documents)))
+    assert list(selected) == documents and selected.token_lengths.tolist() == [len(d) + 2 for d in documents]
+    for index, document in enumerate(documents):
+        total = len(document) + 2
+        for start in range(0, total, 3):
+            for stop in range(start + 1, total + 1, 2):
+                assert selected.tokens(index, start, stop).tolist() == document_tokens(document)[start:stop].tolist()
 
 
 def assert_data_error(path, *fragments: str, text_field: str = "text") -> None:

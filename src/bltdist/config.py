@@ -134,10 +134,24 @@ class PatchingConfig:
 
 
 @dataclasses.dataclass
+class DataSourceConfig:
+    """One source of a data mixture: ``{name: web, path: DIR, weight: 0.7}``."""
+
+    name: str = setting("", "the source's name in metrics and checkpoints")
+    path: str = setting("", "file, directory, glob or prepared directory (python -m bltdist.data prepare)")
+    weight: float = setting(1.0, "share of training sequences; weights are normalised to sum to 1")
+
+
+@dataclasses.dataclass
 class DataConfig:
     """Training text."""
 
-    path: str | None = setting(None, "file, directory or glob; null = embedded corpus (Python stdlib sources)")
+    path: str | None = setting(
+        None, "file, directory, glob or prepared directory; null = embedded corpus (Python stdlib sources)"
+    )
+    sources: list[DataSourceConfig] = setting(
+        [], "a mixture: list of {name, path, weight}, sampled by weight; data.path is the one-source shorthand"
+    )
     text_field: str = setting("text", "JSONL / Parquet column holding the text")
     val_fraction: float = setting(0.02, "share of documents held out for validation", ge=0, lt=1)
 
@@ -281,6 +295,8 @@ def _coerce(value: Any, hint: Any, parse_strings: bool) -> Any:
             raise _WrongType
         (element,) = typing.get_args(hint)
         return [_coerce(item, element, parse_strings) for item in value]
+    if _is_section(hint):
+        return _coerce_record(value, hint, parse_strings)
     if isinstance(value, bool):
         if hint is bool:
             return value
@@ -303,6 +319,15 @@ def _coerce(value: Any, hint: Any, parse_strings: bool) -> Any:
     raise _WrongType
 
 
+def _coerce_record(value: Any, hint: type, parse_strings: bool) -> Any:
+    """A mapping (or an instance) as the dataclass ``hint``, for list elements such as data.sources."""
+    if isinstance(value, hint):
+        value = dataclasses.asdict(value)
+    if not isinstance(value, dict) or not set(value) <= set(_hints(hint)):
+        raise _WrongType
+    return hint(**{key: _coerce(item, _hints(hint)[key], parse_strings) for key, item in value.items()})
+
+
 def _type_name(hint: Any) -> str:
     inner = _optional_inner(hint)
     if inner is not None:
@@ -321,7 +346,10 @@ def _describe(hint: Any) -> str:
     if inner is not None:
         return f"{_describe(inner)} or null"
     if typing.get_origin(hint) is list:
-        return f"a list of {_TYPE_WORDS[typing.get_args(hint)[0]][1]}"
+        (element,) = typing.get_args(hint)
+        if _is_section(element):
+            return f"a list of mappings with keys {', '.join(_hints(element))}"
+        return f"a list of {_TYPE_WORDS[element][1]}"
     return _TYPE_WORDS[hint][0]
 
 
@@ -561,9 +589,31 @@ def _combination_problems(values: dict[str, Any]) -> list[str]:
             "entropy model (train one with model.arch: entropy, e.g. configs/entropy_tiny.yaml)"
         )
 
+    problems += _data_source_problems(values.get("data.sources"), values.get("data.path"))
+
     dp_shard = values.get("parallel.dp_shard")
     if dp_shard is not None and dp_shard != -1 and dp_shard < 1:
         problems.append(f"parallel.dp_shard: must be >= 1, or -1 for the rest of the world size, got {dp_shard}")
+    return problems
+
+
+def _data_source_problems(sources: list | None, path: str | None) -> list[str]:
+    """data.sources: named, unique, with a path and a positive weight, and not together with data.path."""
+    if not sources:
+        return []
+    problems = [] if path is None else ["data.sources: give data.path (one source) or data.sources, not both"]
+    for index, source in enumerate(sources):
+        where = f"data.sources[{index}]"
+        if not source.name:
+            problems.append(f"{where}.name: must not be empty")
+        if not source.path:
+            problems.append(f"{where}.path: must not be empty; give a file, directory, glob or prepared directory")
+        if not source.weight > 0:
+            problems.append(f"{where}.weight: must be > 0, got {_show(source.weight)}; drop the source to leave it out")
+    names = [source.name for source in sources]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        problems.append(f"data.sources: names must be unique, {', '.join(map(repr, repeated))} repeated")
     return problems
 
 

@@ -17,7 +17,7 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from bltdist.config import Config, config_to_dict, load_config, parse_args, save_config
-from bltdist.data import PackedByteLoader, build_datasets
+from bltdist.data import MixtureSource, PackedByteLoader, build_sources
 from bltdist.errors import ConfigError, RunFailed, TrainingDiverged, UserError
 from bltdist.flops import peak_tflops, training_flops_per_byte
 from bltdist.metrics import (
@@ -44,7 +44,7 @@ from bltdist.training.step import NonFiniteGuard, Reporter, optimizer_step
 class Trainer:
     """A training run: ``Trainer(cfg, train_docs, val_docs).run()``."""
 
-    def __init__(self, cfg: Config, train_docs: list[bytes], val_docs: list[bytes]):
+    def __init__(self, cfg: Config, train_docs: list[MixtureSource], val_docs: list[MixtureSource]):
         self.cfg, self.val_docs = cfg, val_docs
         self.state = state = build_training_state(cfg)
         self.output_dir, dims = Path(cfg.output_dir), state.dims
@@ -85,6 +85,7 @@ class Trainer:
             world_size=self.state.dims.world_size, layout=self.state.dims.sizes(), device_type=self.state.device.type,
             peak_tflops=self.meter.peak,
         )  # fmt: skip
+        summary["data"] = self.loader.consumed()
         if self.is_main:
             self.logger.info(format_summary(summary))
             self.logger.info(f"summary written: {write_summary(summary, self.output_dir)}")
@@ -129,7 +130,11 @@ class Trainer:
 
     def validate(self, step: int) -> None:
         val_loss = evaluate(self.state, self.val_docs, self.cfg, self.accum)
-        self.logger.val_line({"step": step, "val_loss": val_loss, "val_bpb": val_loss / math.log(2)})
+        record = {"step": step, "val_loss": val_loss, "val_bpb": val_loss / math.log(2)}
+        if len(self.val_docs) > 1:  # a mixture: each source's held-out lines on their own as well
+            for source in self.val_docs:
+                record[f"val_bpb/{source.name}"] = evaluate(self.state, [source], self.cfg, self.accum) / math.log(2)
+        self.logger.val_line(record)
 
     def close(self) -> None:
         self.checkpointer.close()
@@ -181,12 +186,12 @@ class Throughput:
         }
 
 
-def data_loader(documents: list[bytes], cfg: Config, state: TrainingState, shuffle: bool) -> PackedByteLoader:
+def data_loader(sources: list[MixtureSource], cfg: Config, state: TrainingState, shuffle: bool) -> PackedByteLoader:
     """This data-parallel rank's loader; it serves entropies too when patching needs them."""
-    return PackedByteLoader(
-        documents, cfg.train.seq_len, cfg.train.micro_batch_size, state.dp_rank, state.dims.dp, cfg.train.seed,
-        shuffle=shuffle, entropy_source=state.patcher.entropy_source(documents) if state.patcher else None,
-    )  # fmt: skip
+    loader = PackedByteLoader(sources, cfg.train.seq_len, cfg.train.micro_batch_size, state.dp_rank, state.dims.dp,
+                              cfg.train.seed, shuffle=shuffle)  # fmt: skip
+    loader.entropy_source = state.patcher.entropy_source(loader.documents) if state.patcher else None
+    return loader
 
 
 def next_batch(loader: PackedByteLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -197,7 +202,7 @@ def next_batch(loader: PackedByteLoader, device: torch.device) -> tuple[torch.Te
 
 
 @torch.no_grad()
-def evaluate(state: TrainingState, documents: list[bytes], cfg: Config, accum: int) -> float:
+def evaluate(state: TrainingState, documents: list[MixtureSource], cfg: Config, accum: int) -> float:
     """Mean held-out loss in nats per byte over the first ``val_batches`` global batches of the
     held-out stream: the same sequences whatever the layout, split across ranks like training."""
     loader = data_loader(documents, cfg, state, shuffle=False)
@@ -234,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = load_config(*parse_args(argv))
         check_before_start(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-        train_docs, val_docs = build_datasets(cfg.data.path, cfg.data.text_field, cfg.data.val_fraction)
+        train_docs, val_docs = build_sources(cfg.data)
         snapshot = cfg.logging.memory_snapshot_on_oom and training_device(cfg.train).type == "cuda"
         with memory_snapshot_on_oom(snapshot, Path(cfg.output_dir), int(os.environ.get("RANK", "0"))):
             started = True

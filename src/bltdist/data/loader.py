@@ -1,27 +1,37 @@
-"""Packed fixed-length byte sequences, reproducible and independent of the parallel layout.
+"""Packed fixed-length byte sequences from one or more weighted sources, reproducible and independent of the layout.
 
-The token stream is endless: epoch after epoch of all documents ([BOS] + bytes + [EOS]) in an
-order reshuffled per epoch from (seed, epoch). Global sequence g is stream[g*L : g*L + L + 1]
-(L = seq_len), so consecutive sequences overlap by one token and every token is a target exactly
-once. Sequence g belongs to data-parallel rank (g // micro_batch_size) % dp_size, which makes the
-global batch [step*G, (step+1)*G) the same sequences for every layout with G sequences per step.
+Each source is an endless token stream: epoch after epoch of all its documents ([BOS] + bytes +
+[EOS]) in an order permuted per epoch from (seed, source, epoch). Its m-th sequence is
+stream[m*L : m*L + L + 1] (L = seq_len), so consecutive sequences overlap by one token and every
+token is a target exactly once. Global sequence g comes from the source a fixed schedule gives it
+(``SourceSchedule``; one source: sequence g of that source), and belongs to data-parallel rank
+(g // micro_batch_size) % dp_size, which makes the global batch [step*G, (step+1)*G) the same
+sequences for every layout with G sequences per step.
+
+Documents are read from their shards (memory maps for prepared data) through an index permutation:
+the loader holds a few integers per document, never a copy of the corpus.
 
 With an entropy source the loader also serves, for every input token, the next-byte entropy of the
 entropy model. Entropies belong to documents, not to sequences (see ``bltdist.patching.entropy``): the
 loader finds which documents a sequence window covers and asks the source for exactly those
 spans, so a sequence that starts mid-document gets the same entropies as the whole document would.
+Document indexes count through the sources in order (``PackedByteLoader.documents``).
 """
 
-import random
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
 import torch
 
+from bltdist.data.documents import DocumentSet
 from bltdist.errors import DataError
-from bltdist.patching.tokens import document_tokens
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+SCHEDULE_BLOCK = 10_000  # sequences per repeat of the mixture schedule: weights are kept to 1/10000
 
 
 class EntropySource(Protocol):
@@ -31,12 +41,126 @@ class EntropySource(Protocol):
         """float32 entropies of tokens [start, stop) of document ``document_index`` ([BOS] + bytes + [EOS])."""
 
 
+@dataclasses.dataclass(frozen=True)
+class MixtureSource:
+    """One named source of a mixture; ``weight`` is its share of sequences (weights are normalised)."""
+
+    name: str
+    documents: DocumentSet
+    weight: float = 1.0
+    fingerprint: str | None = None  # names a prepared dataset's content, so a resume can tell it changed
+
+
+class PackedStream:
+    """The endless packed token stream of one source."""
+
+    def __init__(self, documents: DocumentSet, seed: int, source_index: int, shuffle: bool):
+        self.documents, self.seed, self.source_index, self.shuffle = documents, seed, source_index, shuffle
+        self.token_lengths = documents.token_lengths
+        self.epoch_tokens = int(self.token_lengths.sum())
+        self._orders: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def window(self, start: int, length: int) -> np.ndarray:
+        """stream[start : start + length] as int16 tokens, read document piece by document piece."""
+        pieces = [self.documents.tokens(document, lo, hi) for document, lo, hi in self.pieces(start, length)]
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def pieces(self, start: int, length: int) -> list[tuple[int, int, int]]:
+        """(document index, first token, end token) of each document piece in stream[start : start + length]."""
+        for stale in [epoch for epoch in self._orders if epoch < start // self.epoch_tokens]:
+            del self._orders[stale]
+        pieces = []
+        position, end = start, start + length
+        while position < end:
+            epoch, offset = divmod(position, self.epoch_tokens)
+            order, order_starts = self._epoch_order(epoch)
+            slot = int(np.searchsorted(order_starts, offset, side="right")) - 1
+            document = int(order[slot])
+            lo = offset - int(order_starts[slot])
+            hi = min(int(self.token_lengths[document]), lo + end - position)
+            pieces.append((document, lo, hi))
+            position += hi - lo
+        return pieces
+
+    def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Document order of ``epoch`` and where each document starts in the epoch's stream."""
+        if epoch not in self._orders:
+            count = len(self.token_lengths)
+            # PCG64 from a fixed seed sequence: the same permutation on every rank and platform.
+            rng = np.random.default_rng([self.seed, self.source_index, epoch])
+            order = rng.permutation(count) if self.shuffle else np.arange(count)
+            lengths = self.token_lengths[order]
+            self._orders[epoch] = (order, np.cumsum(lengths) - lengths)
+        return self._orders[epoch]
+
+
+class SourceSchedule:
+    """Which source each global sequence comes from: a fixed block of ``SCHEDULE_BLOCK`` slots, repeated.
+
+    Source s gets quota_s slots per block (its weight share, largest remainder), spread evenly
+    through the block (its j-th slot at (j + 0.5) / quota_s), so every prefix of the schedule is
+    within one sequence per source of its weights. Sequence g is sequence
+    (g // BLOCK) * quota_s + (its rank among source s's slots) of source s: found in O(1), for
+    any g, with no state beyond g.
+    """
+
+    def __init__(self, names: list[str], weights: list[float]):
+        if any(not weight > 0 for weight in weights):
+            bad = next(name for name, weight in zip(names, weights) if not weight > 0)
+            raise DataError(f"data.sources: source {bad!r} has weight {weights[names.index(bad)]}; weights must be > 0")
+        shares = np.asarray(weights, dtype=np.float64) / sum(weights) * SCHEDULE_BLOCK
+        quotas = np.floor(shares).astype(np.int64)
+        quotas[np.argsort(-(shares - quotas), kind="stable")[: SCHEDULE_BLOCK - int(quotas.sum())]] += 1
+        if not quotas.all():
+            starved = names[int(np.argmin(quotas))]
+            raise DataError(f"data.sources: source {starved!r} has a weight below 1/{SCHEDULE_BLOCK} of the total; "
+                            "raise it or drop the source")  # fmt: skip
+        self.quotas = quotas
+        positions = np.concatenate([(np.arange(quota) + 0.5) / quota for quota in quotas])
+        sources = np.repeat(np.arange(len(quotas)), quotas)
+        order = np.lexsort((sources, positions))  # ties go to the earlier source
+        self.block_sources = sources[order]
+        self.block_ranks = np.concatenate([np.arange(quota) for quota in quotas])[order]
+
+    def locate(self, sequence: int) -> tuple[int, int]:
+        """(source, that source's sequence number) of global sequence ``sequence``."""
+        block, slot = divmod(sequence, SCHEDULE_BLOCK)
+        source = int(self.block_sources[slot])
+        return source, block * int(self.quotas[source]) + int(self.block_ranks[slot])
+
+    def counts(self, sequences: int) -> np.ndarray:
+        """Sequences each source gave to the first ``sequences`` global sequences."""
+        blocks, rest = divmod(sequences, SCHEDULE_BLOCK)
+        return blocks * self.quotas + np.bincount(self.block_sources[:rest], minlength=len(self.quotas))
+
+
+class ChainedDocuments(Sequence[bytes]):
+    """The documents of several sources as one sequence: the indexes an entropy source is asked about."""
+
+    def __init__(self, parts: list[DocumentSet]):
+        self.parts = parts
+        self.bases = np.cumsum([0] + [len(part) for part in parts])
+
+    def __len__(self) -> int:
+        return int(self.bases[-1])
+
+    def __getitem__(self, index: int) -> bytes:  # type: ignore[override]
+        part = int(np.searchsorted(self.bases, index, side="right")) - 1
+        return self.parts[part][index - int(self.bases[part])]
+
+    def digests(self) -> np.ndarray:
+        return np.concatenate([part.digests() for part in self.parts])
+
+
 class PackedByteLoader:
-    """Serves (inputs, targets), each (micro_batch_size, seq_len) int64, to one data-parallel rank."""
+    """Serves (inputs, targets), each (micro_batch_size, seq_len) int64, to one data-parallel rank.
+
+    ``documents`` is one source (bytes documents or a DocumentSet) or a list of MixtureSource.
+    """
 
     def __init__(
         self,
-        documents: list[bytes],
+        documents: Sequence[bytes] | list[MixtureSource],
         seq_len: int,
         micro_batch_size: int,
         dp_rank: int,
@@ -45,32 +169,36 @@ class PackedByteLoader:
         shuffle: bool = True,
         entropy_source: EntropySource | None = None,
     ):
-        if not documents:
-            raise ValueError("PackedByteLoader needs at least one document")
+        sources = documents if documents and isinstance(documents[0], MixtureSource) else None
+        if sources is None:
+            sources = [MixtureSource("data", DocumentSet.of(documents))] if len(documents) else []
+        if not sources or not all(len(source.documents) for source in sources):
+            raise ValueError("PackedByteLoader needs at least one document in every source")
         if seq_len < 1 or micro_batch_size < 1:
             raise ValueError(f"seq_len and micro_batch_size must be >= 1, got {seq_len} and {micro_batch_size}")
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank must be in [0, dp_size={dp_size}), got {dp_rank}")
-        self.seq_len = seq_len
-        self.micro_batch_size = micro_batch_size
-        self.dp_rank = dp_rank
-        self.dp_size = dp_size
-        self.seed = seed
-        self.shuffle = shuffle
-        self.entropy_source = entropy_source
-        self._tokens, self._doc_bounds = _tokenise(documents)
-        self._epoch_streams: dict[int, np.ndarray] = {}
-        self._epoch_orders: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.seq_len, self.micro_batch_size, self.dp_rank, self.dp_size = seq_len, micro_batch_size, dp_rank, dp_size
+        self.seed, self.shuffle, self.entropy_source, self.sources = seed, shuffle, entropy_source, sources
+        self.streams = [PackedStream(source.documents, seed, index, shuffle) for index, source in enumerate(sources)]
+        self.schedule = SourceSchedule([source.name for source in sources], [source.weight for source in sources])
+        self._document_bases = np.cumsum([0] + [len(source.documents) for source in sources])
         self._batches_served = 0  # micro-batches served to this rank; all ranks advance in lockstep
 
     @property
+    def documents(self) -> Sequence[bytes]:
+        """Every source's documents in one sequence, indexed as the entropy source is asked."""
+        parts = [source.documents for source in self.sources]
+        return parts[0] if len(parts) == 1 else ChainedDocuments(parts)
+
+    @property
     def num_documents(self) -> int:
-        return len(self._doc_bounds) - 1
+        return int(self._document_bases[-1])
 
     @property
     def epoch_tokens(self) -> int:
-        """Tokens per epoch, BOS and EOS included."""
-        return len(self._tokens)
+        """Tokens per epoch of all sources together, BOS and EOS included."""
+        return sum(stream.epoch_tokens for stream in self.streams)
 
     @property
     def global_sequences_consumed(self) -> int:
@@ -84,8 +212,23 @@ class PackedByteLoader:
 
     @property
     def epochs_consumed(self) -> float:
-        """Fractional epoch reached by the global stream."""
-        return self.global_tokens_consumed / self.epoch_tokens
+        """Fractional epoch reached by the global stream (of the only source; the least-read source of a mixture)."""
+        return min(self.source_epochs().values())
+
+    def source_sequences(self) -> dict[str, int]:
+        """Sequences each source gave to the global stream so far."""
+        counts = self.schedule.counts(self.global_sequences_consumed)
+        return {source.name: int(count) for source, count in zip(self.sources, counts)}
+
+    def source_epochs(self) -> dict[str, float]:
+        """Fractional epochs of each source read by the global stream so far."""
+        return {name: count * self.seq_len / stream.epoch_tokens
+                for (name, count), stream in zip(self.source_sequences().items(), self.streams)}  # fmt: skip
+
+    def consumed(self) -> dict:
+        """What the global stream has read so far, per source: target bytes (BOS/EOS included) and epochs."""
+        return {"source_bytes": {name: count * self.seq_len for name, count in self.source_sequences().items()},
+                "epochs": self.source_epochs()}  # fmt: skip
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next micro_batch_size sequences of this rank as (inputs, targets)."""
@@ -100,18 +243,21 @@ class PackedByteLoader:
 
     def _next(self, with_entropies: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         first_sequence = (self._batches_served * self.dp_size + self.dp_rank) * self.micro_batch_size
-        # This rank's micro-batch is a run of consecutive sequences: one window covers all of them.
-        start, length = first_sequence * self.seq_len, self.micro_batch_size * self.seq_len
-        window = self._stream_window(start, length + 1)
-        sequences = torch.from_numpy(window).long().unfold(0, self.seq_len + 1, self.seq_len)
-        entropies = None
-        if with_entropies:
-            values = np.concatenate([
-                self.entropy_source.span(document, lo, hi) for document, lo, hi in self._window_documents(start, length)
-            ])  # fmt: skip
-            entropies = torch.from_numpy(values).view(self.micro_batch_size, self.seq_len)
+        windows, entropies = [], []
+        for sequence in range(first_sequence, first_sequence + self.micro_batch_size):
+            source, number = self.schedule.locate(sequence)
+            stream, start = self.streams[source], number * self.seq_len
+            windows.append(stream.window(start, self.seq_len + 1))
+            if with_entropies:
+                base = int(self._document_bases[source])
+                entropies.extend(self.entropy_source.span(base + document, lo, hi)
+                                 for document, lo, hi in stream.pieces(start, self.seq_len))  # fmt: skip
+        sequences = torch.from_numpy(np.stack(windows)).long()
         self._batches_served += 1
-        return sequences[:, :-1].contiguous(), sequences[:, 1:].contiguous(), entropies
+        values = None
+        if with_entropies:
+            values = torch.from_numpy(np.concatenate(entropies)).view(self.micro_batch_size, self.seq_len)
+        return sequences[:, :-1].contiguous(), sequences[:, 1:].contiguous(), values
 
     def state_dict(self) -> dict:
         """Small, JSON-serialisable and the same on every rank when ranks are in lockstep."""
@@ -120,8 +266,16 @@ class PackedByteLoader:
             "seed": self.seed,
             "seq_len": self.seq_len,
             "shuffle": self.shuffle,
-            "num_documents": self.num_documents,
-            "epoch_tokens": self.epoch_tokens,
+            "sources": [
+                {
+                    "name": source.name,
+                    "weight": source.weight,
+                    "num_documents": len(source.documents),
+                    "epoch_tokens": stream.epoch_tokens,
+                    "fingerprint": source.fingerprint,
+                }
+                for source, stream in zip(self.sources, self.streams)
+            ],
             "micro_batch_size": self.micro_batch_size,
             "dp_size": self.dp_size,
             "global_sequences_consumed": self.global_sequences_consumed,
@@ -131,18 +285,12 @@ class PackedByteLoader:
         """Resume where ``state`` left off; the micro-batch size and dp layout may differ from the saved
         ones as long as the sequences consumed fill whole micro-batches of every rank."""
         if state.get("version") != STATE_VERSION:
-            raise DataError(f"data loader state has version {state.get('version')}, expected {STATE_VERSION}")
-        mismatches = [
-            f"{name} {state[name]} (now {current})"
-            for name, current in (
-                ("seed", self.seed),
-                ("seq_len", self.seq_len),
-                ("shuffle", self.shuffle),
-                ("num_documents", self.num_documents),
-                ("epoch_tokens", self.epoch_tokens),
-            )
-            if state[name] != current
-        ]
+            raise DataError(f"data loader state has version {state.get('version')}, expected {STATE_VERSION}; "
+                            "this bltdist orders data differently from the one that saved it")  # fmt: skip
+        mismatches = [f"{name} {state[name]} (now {current})"
+                      for name, current in (("seed", self.seed), ("seq_len", self.seq_len), ("shuffle", self.shuffle))
+                      if state[name] != current]  # fmt: skip
+        mismatches += _source_mismatches(state["sources"], self.state_dict()["sources"])
         if mismatches:
             raise DataError(
                 "cannot resume the data stream: the checkpoint was saved with "
@@ -157,67 +305,16 @@ class PackedByteLoader:
                 f"micro_batch_size x dp_size = {per_round}; keep the global batch size of the checkpoint"
             )
         self._batches_served = consumed // per_round
-        self._epoch_streams.clear()
-        self._epoch_orders.clear()
-
-    def _stream_window(self, start: int, length: int) -> np.ndarray:
-        """stream[start : start + length] of the endless stream, crossing epochs as needed."""
-        epoch_tokens = self.epoch_tokens
-        first_epoch = start // epoch_tokens
-        for cache in (self._epoch_streams, self._epoch_orders):
-            for stale in [e for e in cache if e < first_epoch]:
-                del cache[stale]
-        pieces = []
-        position, end = start, start + length
-        while position < end:
-            epoch, offset = divmod(position, epoch_tokens)
-            take = min(end - position, epoch_tokens - offset)
-            pieces.append(self._epoch_stream(epoch)[offset : offset + take])
-            position += take
-        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-
-    def _window_documents(self, start: int, length: int) -> list[tuple[int, int, int]]:
-        """(document index, first token, end token) of each document piece in stream[start : start + length]."""
-        pieces = []
-        position, end = start, start + length
-        while position < end:
-            epoch, offset = divmod(position, self.epoch_tokens)
-            order, order_starts = self._epoch_order(epoch)
-            slot = int(np.searchsorted(order_starts, offset, side="right")) - 1
-            document = int(order[slot])
-            document_start = int(order_starts[slot])
-            document_length = int(self._doc_bounds[document + 1] - self._doc_bounds[document])
-            lo = offset - document_start
-            hi = min(document_length, lo + end - position)
-            pieces.append((document, lo, hi))
-            position += hi - lo
-        return pieces
-
-    def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """Document order of ``epoch`` and where each document starts in the epoch's stream."""
-        if epoch not in self._epoch_orders:
-            order = np.arange(self.num_documents)
-            if self.shuffle:
-                shuffled = list(range(self.num_documents))
-                # A string seed hashes the same on every platform and Python version.
-                random.Random(f"bltdist:{self.seed}:{epoch}").shuffle(shuffled)
-                order = np.asarray(shuffled, dtype=np.int64)
-            lengths = np.diff(self._doc_bounds)[order]
-            self._epoch_orders[epoch] = (order, np.cumsum(lengths) - lengths)
-        return self._epoch_orders[epoch]
-
-    def _epoch_stream(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return self._tokens
-        if epoch not in self._epoch_streams:
-            order, _ = self._epoch_order(epoch)
-            bounds = self._doc_bounds
-            self._epoch_streams[epoch] = np.concatenate([self._tokens[bounds[i] : bounds[i + 1]] for i in order])
-        return self._epoch_streams[epoch]
 
 
-def _tokenise(documents: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-    """All documents as one int16 token array in the given order, and each document's [start, end)."""
-    bounds = np.zeros(len(documents) + 1, dtype=np.int64)
-    np.cumsum([len(d) + 2 for d in documents], out=bounds[1:])
-    return np.concatenate([document_tokens(d) for d in documents]), bounds
+def _source_mismatches(saved: list[dict], current: list[dict]) -> list[str]:
+    """What differs between the saved and the current sources, each naming its source."""
+    saved_names, current_names = [source["name"] for source in saved], [source["name"] for source in current]
+    if saved_names != current_names:
+        return [f"sources {saved_names} (now {current_names})"]
+    return [
+        f"source {was['name']!r} {key} {was[key]} (now {now[key]})"
+        for was, now in zip(saved, current)
+        for key in ("weight", "num_documents", "epoch_tokens", "fingerprint")
+        if was[key] != now[key]
+    ]

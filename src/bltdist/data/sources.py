@@ -1,24 +1,28 @@
 """Where documents come from: files, directories, globs, or the embedded Python stdlib corpus.
 
 A document is raw bytes, never decoded, with a stable key ("relpath" for a text file,
-"relpath:line" for JSON lines, "relpath:row" for Parquet) that decides the held-out split.
+"relpath:line" for JSON lines, "relpath:row" for Parquet) that decides the held-out split. Text and
+JSON lines files may be gzip (``.gz``) or zstandard (``.zst``, with the ``zstandard`` package)
+compressed; the suffix before the compression suffix says what they hold.
 """
 
 import glob
+import gzip
+import io
 import json
 import os
 import sysconfig
 import warnings
-import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from bltdist.data.documents import DocumentTable
 from bltdist.errors import DataError
 
 JSON_LINES_SUFFIXES = (".json", ".jsonl")
 PARQUET_SUFFIX = ".parquet"
+COMPRESSED_SUFFIXES = (".gz", ".zst", ".zstd")
 BINARY_SNIFF_BYTES = 4096
-SPLIT_BUCKETS = 10_000
 # Test suites are about as large as the library itself and mostly fixtures; they stay out.
 STDLIB_SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
 
@@ -101,7 +105,7 @@ def iter_documents(
         root = Path(os.path.commonpath([str(f.parent) for f in files]))
     for file in files:
         relpath = _relative_key(file, root)
-        suffix = file.suffix.lower()
+        suffix = content_suffix(file)
         if suffix in JSON_LINES_SUFFIXES:
             yield from _json_lines_documents(file, relpath, text_field)
         elif suffix == PARQUET_SUFFIX:
@@ -129,26 +133,15 @@ def load_documents(path: str | None, text_field: str = "text") -> list[tuple[str
 def split_documents(
     documents: list[tuple[str, bytes]], val_fraction: float
 ) -> tuple[list[bytes], list[bytes]]:
-    """(train, val) by a fixed rule on each key: held out when crc32(key) % 10000 < val_fraction * 10000.
+    """(train, val) bytes by the rule of ``DocumentTable.split``, which every data source follows."""
+    train, val = DocumentTable.from_documents(documents).split(val_fraction)
+    return list(train), list(val)
 
-    Both splits are made non-empty: with two or more documents, the last one (in listing order)
-    moves to an empty val split, the first one to an empty train split; a single document is cut
-    in two, its last ``val_fraction`` share of bytes (at least one byte when it has any) held out.
-    """
-    if not documents:
-        raise ValueError("no documents to split")
-    held_out = [zlib.crc32(key.encode()) % SPLIT_BUCKETS < val_fraction * SPLIT_BUCKETS for key, _ in documents]
-    if len(documents) == 1:
-        data = documents[0][1]
-        val_bytes = min(len(data), max(1, round(len(data) * val_fraction)))
-        return [data[: len(data) - val_bytes]], [data[len(data) - val_bytes :]]
-    if not any(held_out):
-        held_out[-1] = True
-    if all(held_out):
-        held_out[0] = False
-    train = [data for (_, data), out in zip(documents, held_out) if not out]
-    val = [data for (_, data), out in zip(documents, held_out) if out]
-    return train, val
+
+def content_suffix(file: Path) -> str:
+    """What a file holds, by its suffix before any compression suffix: ``a.jsonl.gz`` -> ``.jsonl``."""
+    path = file.with_suffix("") if file.suffix.lower() in COMPRESSED_SUFFIXES else file
+    return path.suffix.lower()
 
 
 def _has_glob_magic(pattern: str) -> bool:
@@ -180,6 +173,8 @@ def _directory_files(directory: Path) -> list[Path]:
 def _is_readable_data_file(file: Path) -> bool:
     if file.suffix == ".pyc" or not file.is_file():
         return False
+    if file.suffix.lower() in COMPRESSED_SUFFIXES:
+        return True  # compressed bytes hold NULs; the content is checked when read
     try:
         with open(file, "rb") as handle:
             head = handle.read(BINARY_SNIFF_BYTES)
@@ -197,11 +192,29 @@ def _relative_key(file: Path, root: Path | None) -> str:
     return file.as_posix()
 
 
-def _read_bytes(file: Path) -> bytes:
+def _open_binary(file: Path) -> io.BufferedIOBase:
+    """``file`` opened for reading, decompressed as its suffix says."""
+    suffix = file.suffix.lower()
     try:
-        return file.read_bytes()
+        if suffix == ".gz":
+            return gzip.open(file, "rb")
+        if suffix in (".zst", ".zstd"):
+            try:
+                import zstandard
+            except ImportError as error:
+                raise DataError(f"{file}: reading zstandard needs `pip install zstandard`") from error
+            return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(file, "rb"), closefd=True))
+        return open(file, "rb")
     except OSError as error:
         raise DataError(f"{file}: cannot read ({error.strerror}); check the file's permissions") from error
+
+
+def _read_bytes(file: Path) -> bytes:
+    try:
+        with _open_binary(file) as handle:
+            return handle.read()
+    except (OSError, EOFError) as error:
+        raise DataError(f"{file}: cannot read ({error}); check the file and its compression") from error
 
 
 def _file_size(file: Path) -> int:
@@ -212,7 +225,15 @@ def _file_size(file: Path) -> int:
 
 
 def _json_lines_documents(file: Path, relpath: str, text_field: str) -> Iterator[tuple[str, bytes]]:
-    for line_number, line in enumerate(_read_bytes(file).splitlines(), start=1):
+    try:
+        with _open_binary(file) as handle:  # line by line: a JSON lines file may be larger than memory
+            yield from _json_rows(file, handle, relpath, text_field)
+    except (OSError, EOFError) as error:
+        raise DataError(f"{file}: cannot read ({error}); check the file and its compression") from error
+
+
+def _json_rows(file: Path, lines: Iterable[bytes], relpath: str, text_field: str) -> Iterator[tuple[str, bytes]]:
+    for line_number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -252,9 +273,11 @@ def _parquet_documents(file: Path, relpath: str, text_field: str) -> Iterator[tu
         is_binary = pyarrow.types.is_binary(column_type) or pyarrow.types.is_large_binary(column_type)
         if not (is_text or is_binary):
             raise DataError(f"{file}: column {text_field!r} holds {column_type}, not strings or bytes")
-        values = parquet.read(columns=[text_field]).column(text_field).to_pylist()
+        row = 0
+        for batch in parquet.iter_batches(columns=[text_field]):  # batch by batch: a file may be larger than memory
+            for value in batch.column(0).to_pylist():
+                if value is not None:
+                    yield f"{relpath}:{row}", value.encode("utf-8", "surrogatepass") if is_text else value
+                row += 1
     except (pyarrow.ArrowException, OSError) as error:
         raise DataError(f"{file}: cannot read as Parquet ({error}); check the file") from error
-    for row, value in enumerate(values):
-        if value is not None:
-            yield f"{relpath}:{row}", value.encode("utf-8", "surrogatepass") if is_text else value
