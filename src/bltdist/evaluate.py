@@ -6,7 +6,15 @@ predicted tokens, / ln 2), the average patch length, the inference FLOPs per byt
 byte of noised copies of the text (seeded: case changes, dropped, repeated or swapped characters
 at ``--noise-rate``). Documents are tokenised ([BOS] + bytes + [EOS]), packed in order into rows of
 ``--seq-len`` and patched with the model's training rule, entropies computed as in training.
-Prints a table and writes JSON (``--out``, else the last stdout line). Bad input exits with code 2.
+
+``--split heldout`` evaluates what training validates on instead: each source's held-out documents
+(the model config's ``data.val_fraction`` split) and the first ``--val-batches`` global batches
+(``train.global_batch_size`` rows) of their packed held-out stream, so its bpb is the val_bpb
+training logs on that source.
+
+Under ``torchrun --nproc_per_node N`` the rows are shared out (row i to rank i % N), the sums are
+added over the ranks and rank 0 alone prints and writes. Prints a table and writes JSON (``--out``,
+else the last stdout line). Bad input exits with code 2.
 """
 
 from __future__ import annotations
@@ -14,27 +22,36 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from bltdist.config import PatchingConfig, load_config
-from bltdist.data import load_documents
+from bltdist.config import Config, PatchingConfig, load_config
+from bltdist.data import PackedByteLoader, build_datasets, load_documents
 from bltdist.errors import UserError
 from bltdist.flops import blt_forward_flops_per_byte, byte_lm_forward_flops_per_byte
 from bltdist.generate import load_for_generation, rule_settings
 from bltdist.model import BLT
 from bltdist.model.loss import byte_loss_sum
 from bltdist.model_dir import CONFIG_FILE
-from bltdist.patching.entropy import EntropyModel
+from bltdist.patching.entropy import EntropyModel, OnlineEntropies
 from bltdist.patching.rules import patch_lengths, patch_starts
 from bltdist.patching.tokens import document_tokens
+from bltdist.training.step import Reporter
 
 PROGRAM = "python -m bltdist.evaluate"
 NOISE_KINDS = ("case", "drop", "repeat", "swap")
+SUM_KEYS = ("loss", "tokens", "patches")  # what each rank adds up per source and text variant
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # inputs, targets, entropies or None
+RowReader = Callable[[Sequence[bytes]], Iterator[Batch]]  # documents -> this rank's batches of rows
 
 
 def noised(document: bytes, kind: str, rate: float, rng: random.Random) -> bytes:
@@ -58,37 +75,71 @@ def noised(document: bytes, kind: str, rate: float, rng: random.Random) -> bytes
     return "".join(out).encode("utf-8", errors="surrogateescape")
 
 
-class Evaluator:
-    """Loss and patch counts of documents under one model, patched as in training."""
+@dataclass(frozen=True)
+class Share:
+    """This process's part of the rows: row i belongs to rank i % world_size."""
 
-    def __init__(self, model: BLT, patching: PatchingConfig, entropy_model: EntropyModel | None, seq_len: int):
-        self.model, self.patching, self.entropy_model, self.seq_len = model, patching, entropy_model, seq_len
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+
+def packed_rows(documents: Sequence[bytes], seq_len: int, entropy_model: EntropyModel | None, share: Share,
+                batch_size: int) -> Iterator[Batch]:  # fmt: skip
+    """This rank's rows of ``documents`` packed in order, in batches; only the last row is shorter."""
+    tokens = torch.from_numpy(np.concatenate([document_tokens(d) for d in documents])).long()
+    entropies = None
+    if entropy_model is not None:
+        entropies = torch.from_numpy(np.concatenate([entropy_model.document_entropies(d) for d in documents]))
+    # Rows of seq_len + 1 tokens overlapping by one: inputs [:-1], targets [1:].
+    starts = list(range(0, len(tokens) - 1, seq_len))[share.rank :: share.world_size]
+    for first in range(0, len(starts), batch_size):
+        rows = [(start, min(seq_len, len(tokens) - 1 - start)) for start in starts[first : first + batch_size]]
+        for length in sorted({n for _, n in rows}):  # a batch holds rows of one length
+            group = [start for start, n in rows if n == length]
+            yield (torch.stack([tokens[s : s + length] for s in group]),
+                   torch.stack([tokens[s + 1 : s + 1 + length] for s in group]),
+                   None if entropies is None else torch.stack([entropies[s : s + length] for s in group]))  # fmt: skip
+
+
+def held_out_rows(documents: Sequence[bytes], seq_len: int, row_count: int, entropy_model: EntropyModel | None,
+                  share: Share, batch_size: int, seed: int) -> Iterator[Batch]:  # fmt: skip
+    """This rank's share of the first ``row_count`` rows of the packed stream training validates
+    on, read by the training loader itself (unshuffled, wrapping round the documents if need be)."""
+    # One row per loader batch: the loader then gives global row i to rank i % world_size.
+    loader = PackedByteLoader(documents, seq_len, 1, share.rank, share.world_size, seed, shuffle=False)
+    if entropy_model is not None:
+        loader.entropy_source = OnlineEntropies(entropy_model, loader.documents)
+    my_rows = len(range(share.rank, row_count, share.world_size))
+    for first in range(0, my_rows, batch_size):
+        if entropy_model is None:
+            rows = [(*loader.next_batch(), None) for _ in range(min(batch_size, my_rows - first))]
+        else:
+            rows = [loader.next_batch_with_entropies() for _ in range(min(batch_size, my_rows - first))]
+        yield tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*rows))
+
+
+class Evaluator:
+    """Loss and patch counts of rows under one model, patched as in training."""
+
+    def __init__(self, model: BLT, patching: PatchingConfig, entropy_model: EntropyModel | None, seq_len: int,
+                 device: torch.device):  # fmt: skip
+        self.model, self.patching, self.entropy_model = model.to(device), patching, entropy_model
+        self.seq_len, self.device = seq_len, device
 
     @torch.no_grad()
-    def measure(self, documents: list[bytes], batch_size: int) -> dict:
-        tokens = torch.from_numpy(np.concatenate([document_tokens(d) for d in documents])).long()
-        entropies = None
-        if self.entropy_model is not None:
-            entropies = torch.from_numpy(np.concatenate([self.entropy_model.document_entropies(d) for d in documents]))
+    def sums(self, batches: Iterator[Batch]) -> dict:
+        """Loss in nats, predicted tokens and patches of ``batches``: this rank's part of the figures."""
         loss, predicted, patches = 0.0, 0, 0
-        # Rows of seq_len + 1 tokens overlapping by one: inputs [:-1], targets [1:].
-        starts = list(range(0, len(tokens) - 1, self.seq_len))
-        for first in range(0, len(starts), batch_size):
-            for rows in self._equal_length_groups(starts[first : first + batch_size], len(tokens)):
-                inputs = torch.stack([tokens[s : s + length] for s, length in rows])
-                targets = torch.stack([tokens[s + 1 : s + 1 + length] for s, length in rows])
-                row_entropies = None if entropies is None else torch.stack([entropies[s : s + n] for s, n in rows])
-                lengths = patch_lengths(patch_starts(inputs, self.patching.mode, entropies=row_entropies,
-                                                     **rule_settings(self.patching)))  # fmt: skip
-                loss += float(byte_loss_sum(self.model(inputs, lengths), targets))
-                predicted += targets.numel()
-                patches += int((lengths > 0).sum())
-        return {"tokens": predicted, "bpb": loss / predicted / math.log(2), "avg_patch_len": predicted / patches}
-
-    def _equal_length_groups(self, starts: list[int], total: int) -> list[list[tuple[int, int]]]:
-        """(start, length) rows grouped by length: only the stream's last row is shorter."""
-        rows = [(start, min(self.seq_len, total - 1 - start)) for start in starts]
-        return [[row for row in rows if row[1] == length] for length in sorted({n for _, n in rows})]
+        for inputs, targets, entropies in batches:
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            entropies = None if entropies is None else entropies.to(self.device)
+            lengths = patch_lengths(patch_starts(inputs, self.patching.mode, entropies=entropies,
+                                                 **rule_settings(self.patching)))  # fmt: skip
+            loss += float(byte_loss_sum(self.model(inputs, lengths), targets))
+            predicted += targets.numel()
+            patches += int((lengths > 0).sum())
+        return {"loss": loss, "tokens": predicted, "patches": patches}
 
     def flops_per_byte(self, avg_patch_len: float) -> float:
         flops = blt_forward_flops_per_byte(self.model.cfg, self.seq_len, avg_patch_len)
@@ -97,14 +148,44 @@ class Evaluator:
         return flops
 
 
-def evaluate_source(evaluator: Evaluator, documents: list[bytes], args: argparse.Namespace) -> dict:
-    """The figures of one data source: clean, then one noised copy per noise kind."""
-    clean = evaluator.measure(documents, args.batch_size)
-    result = {**clean, "flops_per_byte": evaluator.flops_per_byte(clean["avg_patch_len"])}
+def figures(sums: dict) -> dict:
+    return {"tokens": int(sums["tokens"]), "bpb": sums["loss"] / sums["tokens"] / math.log(2),
+            "avg_patch_len": sums["tokens"] / sums["patches"]}  # fmt: skip
+
+
+def row_reader(args: argparse.Namespace, cfg: Config, seq_len: int, entropy_model: EntropyModel | None,
+               share: Share) -> RowReader:  # fmt: skip
+    """The rows of a source's documents as ``--split`` asks."""
+    if args.split == "heldout":
+        # A validation batch is a training batch: train.global_batch_size rows.
+        row_count = (args.val_batches or cfg.train.val_batches) * cfg.train.global_batch_size
+        return lambda documents: held_out_rows(documents, seq_len, row_count, entropy_model, share, args.batch_size,
+                                               cfg.train.seed)  # fmt: skip
+    return lambda documents: packed_rows(documents, seq_len, entropy_model, share, args.batch_size)
+
+
+def source_sums(evaluator: Evaluator, documents: Sequence[bytes], rows: RowReader, args: argparse.Namespace) -> dict:
+    """This rank's sums of one data source: clean ("clean"), then one noised copy per noise kind."""
+    result = {"clean": evaluator.sums(rows(documents))}
     for kind in NOISE_KINDS:
         rng = random.Random(f"bltdist-evaluate:{args.seed}:{kind}")
-        copies = [noised(document, kind, args.noise_rate, rng) for document in documents]
-        result[f"bpb_{kind}"] = evaluator.measure(copies, args.batch_size)["bpb"]
+        result[kind] = evaluator.sums(rows([noised(document, kind, args.noise_rate, rng) for document in documents]))
+    return result
+
+
+def add_over_ranks(per_source: dict, share: Share) -> dict:
+    """``per_source`` summed over all ranks, in one all-reduce (float64: counts stay exact)."""
+    flat = [sums[key] for variants in per_source.values() for sums in variants.values() for key in SUM_KEYS]
+    totals = iter(Reporter(None, share.device).sum(flat))
+    return {name: {variant: {key: next(totals) for key in SUM_KEYS} for variant in variants}
+            for name, variants in per_source.items()}  # fmt: skip
+
+
+def source_results(evaluator: Evaluator, totals: dict) -> dict:
+    """The reported figures of one source from its summed clean and noised variants."""
+    clean = figures(totals["clean"])
+    result = {**clean, "flops_per_byte": evaluator.flops_per_byte(clean["avg_patch_len"])}
+    result.update({f"bpb_{kind}": figures(totals[kind])["bpb"] for kind in NOISE_KINDS})
     return result
 
 
@@ -124,11 +205,14 @@ def parse_sources(values: list[str]) -> list[tuple[str, str]]:
     return sources
 
 
-def read_source(path: str, max_bytes: int) -> list[bytes]:
-    """The documents of ``path``, cut to ``max_bytes`` bytes in all."""
+def read_source(path: str, args: argparse.Namespace, cfg: Config) -> Sequence[bytes]:
+    """The documents of ``path`` to evaluate: the held-out split as training makes it, or all of
+    them cut to ``--max-bytes`` bytes in all."""
     if not Path(path).exists():
         raise UserError(f"--data: {path} not found")
-    documents, budget = [], max_bytes
+    if args.split == "heldout":
+        return build_datasets(path, cfg.data.text_field, cfg.data.val_fraction)[1]
+    documents, budget = [], args.max_bytes
     for _, document in load_documents(path):
         if budget <= 0:
             break
@@ -153,7 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("model_dir", help="a BLT model directory")
     parser.add_argument("--data", action="append", required=True, help="PATH or NAME=PATH; repeat for several sources")
     parser.add_argument("--seq-len", type=int, default=None, help="bytes per row; default the model's train.seq_len")
-    parser.add_argument("--max-bytes", type=int, default=200_000, help="bytes read per source at most")
+    parser.add_argument("--split", choices=("all", "heldout"), default="all",
+                        help="all: every document, packed in order; heldout: the rows training validates on")
+    parser.add_argument("--val-batches", type=int, default=None,
+                        help="with --split heldout: global batches of rows; default the model's train.val_batches")
+    parser.add_argument("--max-bytes", type=int, default=200_000,
+                        help="with --split all: bytes read per source at most")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--noise-rate", type=float, default=0.05, help="share of characters each noise changes")
     parser.add_argument("--seed", type=int, default=0)
@@ -163,36 +252,59 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_numbers(args: argparse.Namespace) -> None:
     for flag, value, low in (("--seq-len", args.seq_len, 2), ("--max-bytes", args.max_bytes, 1),
-                             ("--batch-size", args.batch_size, 1)):  # fmt: skip
+                             ("--batch-size", args.batch_size, 1), ("--val-batches", args.val_batches, 1)):  # fmt: skip
         if value is not None and value < low:
             raise UserError(f"{flag}: must be >= {low}, got {value}")
     if not 0 <= args.noise_rate <= 1:
         raise UserError(f"--noise-rate: must be in [0, 1], got {args.noise_rate}")
+    if args.val_batches is not None and args.split != "heldout":
+        raise UserError("--val-batches: counts held-out rows; give it with --split heldout")
 
 
-def run(args: argparse.Namespace) -> dict:
+def start_share() -> Share:
+    """This process's share: under torchrun, one rank of a process group (NCCL on CUDA, else gloo)."""
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Share(rank, world_size, device)
+
+
+def run(args: argparse.Namespace, share: Share = Share()) -> dict:
     check_numbers(args)
     sources = parse_sources(args.data)
     model, patching, entropy_model = load_for_generation(args.model_dir)
-    seq_len = args.seq_len or load_config(str(Path(args.model_dir) / CONFIG_FILE), []).train.seq_len
-    evaluator = Evaluator(model, patching, entropy_model, seq_len)
-    results = {name: evaluate_source(evaluator, read_source(path, args.max_bytes), args) for name, path in sources}
-    print_table(results)
-    summary = {"model_dir": str(args.model_dir), "seq_len": seq_len, "noise_rate": args.noise_rate,
-               "seed": args.seed, "patching": patching.mode, "sources": results}  # fmt: skip
-    if args.out:
-        Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary))
+    cfg = load_config(str(Path(args.model_dir) / CONFIG_FILE), [])
+    seq_len = args.seq_len or cfg.train.seq_len
+    evaluator = Evaluator(model, patching, entropy_model, seq_len, share.device)
+    rows = row_reader(args, cfg, seq_len, entropy_model, share)
+    per_source = {name: source_sums(evaluator, read_source(path, args, cfg), rows, args) for name, path in sources}
+    results = {name: source_results(evaluator, totals) for name, totals in add_over_ranks(per_source, share).items()}
+    summary = {"model_dir": str(args.model_dir), "seq_len": seq_len, "split": args.split,
+               "noise_rate": args.noise_rate, "seed": args.seed, "patching": patching.mode,
+               "sources": results}  # fmt: skip
+    if share.rank == 0:
+        print_table(results)
+        if args.out:
+            Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+        print(json.dumps(summary))
     return summary
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    share = start_share()
     try:
-        run(args)
+        run(args, share)
     except UserError as error:
         print(f"{PROGRAM}: error: {error}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

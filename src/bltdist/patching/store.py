@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,20 +29,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from bltdist.atomic import atomic_file, atomic_write
+from bltdist.data.documents import DIGEST_BYTES, DocumentSet, document_digest
 from bltdist.errors import UserError
 from bltdist.patching.entropy import EntropyModel
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
-DIGEST_BYTES = 16
 
 
 class EntropyStoreError(UserError):
     """A precomputed-entropies directory that is missing, incomplete or made for another model."""
-
-
-def document_digest(document: bytes) -> bytes:
-    return hashlib.blake2b(document, digest_size=DIGEST_BYTES).digest()
 
 
 def plan_shards(documents: list[bytes], shard_tokens: int) -> list[tuple[int, int]]:
@@ -197,9 +193,11 @@ class PrecomputedEntropies:
                 self._where[digest.tobytes()] = (shard_index, offsets[row])
         self._key = key
 
-    def source(self, documents: list[bytes]) -> PrecomputedSource:
+    def source(self, documents: Sequence[bytes]) -> PrecomputedSource:
         """EntropySource over ``documents``; EntropyStoreError when some were not precomputed."""
-        locations = [self._where.get(document_digest(document)) for document in documents]
+        documents = documents if isinstance(documents, DocumentSet) else DocumentSet.of(documents)
+        # A prepared corpus stores its documents' digests: nothing is read or hashed here.
+        locations = [self._where.get(digest.tobytes()) for digest in documents.digests()]
         absent = sum(location is None for location in locations)
         if absent:
             raise EntropyStoreError(
