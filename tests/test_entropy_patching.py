@@ -24,6 +24,8 @@ from bltdist.patching.patcher import Patcher
 from bltdist.patching.store import PrecomputedEntropies, precompute
 from bltdist.patching.tokens import document_tokens
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 REPO = Path(__file__).resolve().parents[1]
 CODE_FILES = ("textwrap.py", "csv.py", "json/decoder.py")
 
@@ -49,15 +51,6 @@ def trained_entropy_model(tmp_path_factory) -> Path:
     result = run_module("bltdist.train", [*TINY_ENTROPY_MODEL, f"--output_dir={out}"])
     assert result.returncode == 0, result.stderr
     return out / "model"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: a second thread only adds contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def seeded_entropy_model(directory: Path, context: int) -> Path:

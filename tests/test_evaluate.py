@@ -16,17 +16,10 @@ from bltdist.generate import load_for_generation
 from test_generate import PATCHINGS, save_blt, save_entropy_model
 from test_train import SMALL, read_metrics, run_trainer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = ("bpb", "avg_patch_len", "flops_per_byte", *(f"bpb_{kind}" for kind in NOISE_KINDS))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: a second thread only adds contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_corpus(directory: Path, documents: int = 12) -> Path:

@@ -20,6 +20,8 @@ from bltdist.patching.online import OnlineBoundaries
 from bltdist.patching.rules import patch_starts
 from test_model import build, tiny_blt_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 REPO = Path(__file__).resolve().parents[1]
 ENTROPY_CONTEXT = 16  # short, so that generation crosses the entropy model's chunk boundaries
 # Prompts of different lengths; with local_window 8 the longest run through several windows.
@@ -33,15 +35,6 @@ PATCHINGS = {
     "entropy_monotonic": ["--patching.mode=entropy", "--patching.threshold_mode=monotonic",
                           "--patching.threshold=0.0", "--patching.max_patch_length=4"],
 }  # fmt: skip
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: a second thread only adds contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def save_entropy_model(directory: Path) -> Path:
