@@ -157,6 +157,25 @@ class DataConfig:
 
 
 @dataclasses.dataclass
+class EvalSetConfig:
+    """One evaluation set: ``{name: code, path: DIR}``."""
+
+    name: str = setting("", "the set's name in metric keys eval/<name>/...")
+    path: str = setting("", "file, directory, glob or prepared directory; every document, packed in order")
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Evaluation sets scored at every validation, clean and noised as by python -m bltdist.evaluate."""
+
+    sets: list[EvalSetConfig] = setting([], "list of {name, path}; each logs eval/<name>/bpb and bpb_<noise kind>")
+    noise_rate: float = setting(0.05, "share of characters each noise kind changes", ge=0, le=1)
+    batches: int | None = setting(
+        None, "global batches (train.global_batch_size rows) per set; null = train.val_batches", ge=1
+    )
+
+
+@dataclasses.dataclass
 class OptimConfig:
     """AdamW and the learning-rate schedule."""
 
@@ -249,6 +268,7 @@ class Config:
     model: ModelConfig = section(ModelConfig)
     patching: PatchingConfig = section(PatchingConfig)
     data: DataConfig = section(DataConfig)
+    eval: EvalConfig = section(EvalConfig)
     optim: OptimConfig = section(OptimConfig)
     train: TrainConfig = section(TrainConfig)
     parallel: ParallelConfig = section(ParallelConfig)
@@ -590,6 +610,10 @@ def _combination_problems(values: dict[str, Any]) -> list[str]:
         )
 
     problems += _data_source_problems(values.get("data.sources"), values.get("data.path"))
+    problems += _eval_set_problems(values.get("eval.sets") or [])
+    if values.get("eval.sets") and values.get("patching.mode") == "entropy" and values.get("patching.entropies"):
+        problems.append("eval.sets: needs online entropies (noised text has none stored); set patching.entropies "
+                        "to null or leave eval.sets out")  # fmt: skip
 
     dp_shard = values.get("parallel.dp_shard")
     if dp_shard is not None and dp_shard != -1 and dp_shard < 1:
@@ -614,6 +638,22 @@ def _data_source_problems(sources: list | None, path: str | None) -> list[str]:
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         problems.append(f"data.sources: names must be unique, {', '.join(map(repr, repeated))} repeated")
+    return problems
+
+
+def _eval_set_problems(sets: list) -> list[str]:
+    """eval.sets: named, unique, each with a path (whether it exists is checked before the start)."""
+    problems = []
+    for index, eval_set in enumerate(sets):
+        if not eval_set.name:
+            problems.append(f"eval.sets[{index}].name: must not be empty")
+        if not eval_set.path:
+            problems.append(f"eval.sets[{index}].path: must not be empty; give a file, directory, glob or prepared "
+                            "directory")  # fmt: skip
+    names = [eval_set.name for eval_set in sets]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        problems.append(f"eval.sets: names must be unique, {', '.join(map(repr, repeated))} repeated")
     return problems
 
 

@@ -10,7 +10,12 @@ at ``--noise-rate``). Documents are tokenised ([BOS] + bytes + [EOS]), packed in
 ``--split heldout`` evaluates what training validates on instead: each source's held-out documents
 (the model config's ``data.val_fraction`` split) and the first ``--val-batches`` global batches
 (``train.global_batch_size`` rows) of their packed held-out stream, so its bpb is the val_bpb
-training logs on that source.
+training logs on that source. ``--rows N`` with ``--split all`` takes the first N rows of the
+documents' packed stream in the same way: the rows a training run's ``eval.sets`` are evaluated on.
+
+``--group-by suffix|directory`` (``--split all``) also reports each source's documents grouped by
+file suffix or by top-level directory under the source path, from the documents' keys; each group is
+packed and noised on its own, so its figures are those of evaluating its files alone.
 
 Under ``torchrun --nproc_per_node N`` the rows are shared out (row i to rank i % N), the sums are
 added over the ranks and rank 0 alone prints and writes. Prints a table and writes JSON (``--out``,
@@ -34,7 +39,8 @@ import torch
 import torch.distributed as dist
 
 from bltdist.config import Config, PatchingConfig, load_config
-from bltdist.data import PackedByteLoader, build_datasets, load_documents
+from bltdist.data import DocumentSet, PackedByteLoader, build_datasets, load_documents
+from bltdist.data.sources import JSON_LINES_SUFFIXES, PARQUET_SUFFIX, content_suffix
 from bltdist.errors import UserError
 from bltdist.flops import blt_forward_flops_per_byte, byte_lm_forward_flops_per_byte
 from bltdist.generate import load_for_generation, rule_settings
@@ -48,6 +54,8 @@ from bltdist.training.step import Reporter
 
 PROGRAM = "python -m bltdist.evaluate"
 NOISE_KINDS = ("case", "drop", "repeat", "swap")
+DEFAULT_SEED = 0  # of the noise; training's eval.sets use it too, so their figures match this tool's
+GROUP_BYS = ("suffix", "directory")
 SUM_KEYS = ("loss", "tokens", "patches")  # what each rank adds up per source and text variant
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # inputs, targets, entropies or None
@@ -73,6 +81,12 @@ def noised(document: bytes, kind: str, rate: float, rng: random.Random) -> bytes
             out.append(char)
         i += 1  # "drop" appends nothing
     return "".join(out).encode("utf-8", errors="surrogateescape")
+
+
+def noised_documents(documents: Sequence[bytes], kind: str, rate: float, seed: int) -> list[bytes]:
+    """``documents`` noised by ``kind``, from a random stream that starts afresh for every call."""
+    rng = random.Random(f"bltdist-evaluate:{seed}:{kind}")
+    return [noised(document, kind, rate, rng) for document in documents]
 
 
 @dataclass(frozen=True)
@@ -102,10 +116,10 @@ def packed_rows(documents: Sequence[bytes], seq_len: int, entropy_model: Entropy
                    None if entropies is None else torch.stack([entropies[s : s + length] for s in group]))  # fmt: skip
 
 
-def held_out_rows(documents: Sequence[bytes], seq_len: int, row_count: int, entropy_model: EntropyModel | None,
-                  share: Share, batch_size: int, seed: int) -> Iterator[Batch]:  # fmt: skip
-    """This rank's share of the first ``row_count`` rows of the packed stream training validates
-    on, read by the training loader itself (unshuffled, wrapping round the documents if need be)."""
+def first_rows(documents: Sequence[bytes], seq_len: int, row_count: int, entropy_model: EntropyModel | None,
+               share: Share, batch_size: int, seed: int) -> Iterator[Batch]:  # fmt: skip
+    """This rank's share of the first ``row_count`` rows of ``documents`` packed in order, as training
+    validates: read by the training loader itself (unshuffled, wrapping round the documents if need be)."""
     # One row per loader batch: the loader then gives global row i to rank i % world_size.
     loader = PackedByteLoader(documents, seq_len, 1, share.rank, share.world_size, seed, shuffle=False)
     if entropy_model is not None:
@@ -156,11 +170,12 @@ def figures(sums: dict) -> dict:
 def row_reader(args: argparse.Namespace, cfg: Config, seq_len: int, entropy_model: EntropyModel | None,
                share: Share) -> RowReader:  # fmt: skip
     """The rows of a source's documents as ``--split`` asks."""
-    if args.split == "heldout":
-        # A validation batch is a training batch: train.global_batch_size rows.
+    row_count = args.rows
+    if args.split == "heldout":  # a validation batch is a training batch: train.global_batch_size rows
         row_count = (args.val_batches or cfg.train.val_batches) * cfg.train.global_batch_size
-        return lambda documents: held_out_rows(documents, seq_len, row_count, entropy_model, share, args.batch_size,
-                                               cfg.train.seed)  # fmt: skip
+    if row_count:
+        return lambda documents: first_rows(documents, seq_len, row_count, entropy_model, share, args.batch_size,
+                                            cfg.train.seed)  # fmt: skip
     return lambda documents: packed_rows(documents, seq_len, entropy_model, share, args.batch_size)
 
 
@@ -168,25 +183,44 @@ def source_sums(evaluator: Evaluator, documents: Sequence[bytes], rows: RowReade
     """This rank's sums of one data source: clean ("clean"), then one noised copy per noise kind."""
     result = {"clean": evaluator.sums(rows(documents))}
     for kind in NOISE_KINDS:
-        rng = random.Random(f"bltdist-evaluate:{args.seed}:{kind}")
-        result[kind] = evaluator.sums(rows([noised(document, kind, args.noise_rate, rng) for document in documents]))
+        result[kind] = evaluator.sums(rows(noised_documents(documents, kind, args.noise_rate, args.seed)))
     return result
 
 
-def add_over_ranks(per_source: dict, share: Share) -> dict:
-    """``per_source`` summed over all ranks, in one all-reduce (float64: counts stay exact)."""
-    flat = [sums[key] for variants in per_source.values() for sums in variants.values() for key in SUM_KEYS]
+def add_over_ranks(per_unit: dict, share: Share) -> dict:
+    """``per_unit`` (sources and groups) summed over all ranks, in one all-reduce (float64: counts stay exact)."""
+    flat = [sums[key] for variants in per_unit.values() for sums in variants.values() for key in SUM_KEYS]
     totals = iter(Reporter(None, share.device).sum(flat))
-    return {name: {variant: {key: next(totals) for key in SUM_KEYS} for variant in variants}
-            for name, variants in per_source.items()}  # fmt: skip
+    return {unit: {variant: {key: next(totals) for key in SUM_KEYS} for variant in variants}
+            for unit, variants in per_unit.items()}  # fmt: skip
 
 
-def source_results(evaluator: Evaluator, totals: dict) -> dict:
-    """The reported figures of one source from its summed clean and noised variants."""
+def source_results(evaluator: Evaluator, totals: dict, document_bytes: int) -> dict:
+    """The reported figures of one source (or group) from its summed clean and noised variants."""
     clean = figures(totals["clean"])
-    result = {**clean, "flops_per_byte": evaluator.flops_per_byte(clean["avg_patch_len"])}
+    result = {"bytes": document_bytes, **clean, "flops_per_byte": evaluator.flops_per_byte(clean["avg_patch_len"])}
     result.update({f"bpb_{kind}": figures(totals[kind])["bpb"] for kind in NOISE_KINDS})
     return result
+
+
+def document_group(key: str, group_by: str) -> str:
+    """The group of the document keyed ``key`` ("relpath", "relpath:line" or "relpath:row"): its file's
+    content suffix ("none" without one), or its top-level directory under the source path ("." at the top)."""
+    relpath, _, number = key.rpartition(":")
+    if not (number.isdigit() and content_suffix(Path(relpath)) in (*JSON_LINES_SUFFIXES, PARQUET_SUFFIX)):
+        relpath = key  # a plain file: the key is its path, colons and all
+    if group_by == "suffix":
+        return content_suffix(Path(relpath)) or "none"
+    parts = Path(relpath).parts
+    return parts[0] if len(parts) > 1 else "."
+
+
+def grouped(keyed: Sequence[tuple[str, bytes]], group_by: str) -> dict[str, list[bytes]]:
+    """The documents of each group, in source order; groups sorted by name."""
+    groups: dict[str, list[bytes]] = {}
+    for key, document in keyed:
+        groups.setdefault(document_group(key, group_by), []).append(document)
+    return dict(sorted(groups.items()))
 
 
 def parse_sources(values: list[str]) -> list[tuple[str, str]]:
@@ -205,27 +239,49 @@ def parse_sources(values: list[str]) -> list[tuple[str, str]]:
     return sources
 
 
-def read_source(path: str, args: argparse.Namespace, cfg: Config) -> Sequence[bytes]:
-    """The documents of ``path`` to evaluate: the held-out split as training makes it, or all of
-    them cut to ``--max-bytes`` bytes in all."""
+def read_source(path: str, args: argparse.Namespace, cfg: Config) -> tuple[list[str] | None, Sequence[bytes]]:
+    """(keys, documents) of ``path`` to evaluate: the held-out split as training makes it (memory-mapped
+    when prepared; no keys), or all of them cut to ``--max-bytes`` bytes in all."""
     if not Path(path).exists():
         raise UserError(f"--data: {path} not found")
     if args.split == "heldout":
-        return build_datasets(path, cfg.data.text_field, cfg.data.val_fraction)[1]
-    documents, budget = [], args.max_bytes
-    for _, document in load_documents(path):
+        return None, build_datasets(path, cfg.data.text_field, cfg.data.val_fraction)[1]
+    keys, documents, budget = [], [], args.max_bytes
+    for key, document in load_documents(path, cfg.data.text_field):
         if budget <= 0:
             break
+        keys.append(key)
         documents.append(document[:budget])
         budget -= len(documents[-1])
-    return documents
+    return keys, documents
+
+
+def unit_documents(sources: list[tuple[str, str]], args: argparse.Namespace, cfg: Config) -> dict:
+    """The documents of every unit to report: (source, None) per source, and (source, group) per
+    group of it with ``--group-by``."""
+    units = {}
+    for name, path in sources:
+        keys, units[name, None] = read_source(path, args, cfg)
+        if args.group_by:  # --split all: there are keys
+            groups = grouped(list(zip(keys, units[name, None])), args.group_by)
+            units.update({(name, group): documents for group, documents in groups.items()})
+    return units
+
+
+def byte_count(documents: Sequence[bytes]) -> int:
+    """Bytes of ``documents``; of a DocumentSet from its lengths, with nothing read."""
+    return int(documents.lengths.sum()) if isinstance(documents, DocumentSet) else sum(map(len, documents))
 
 
 def print_table(results: dict) -> None:
     columns = ["tokens", "bpb", "avg_patch_len", "flops_per_byte", *(f"bpb_{kind}" for kind in NOISE_KINDS)]
-    width = max(len("source"), *(len(name) for name in results))
+    lines = {}
+    for name, row in results.items():  # a source, then its groups as "source/group"
+        lines[name] = row
+        lines.update({f"{name}/{group}": figures_of for group, figures_of in row.get("groups", {}).items()})
+    width = max(len("source"), *(len(name) for name in lines))
     print(f"{'source':<{width}}  " + "  ".join(f"{column:>14}" for column in columns))
-    for name, row in results.items():
+    for name, row in lines.items():
         cells = [f"{row[c]:>14d}" if isinstance(row[c], int) else f"{row[c]:>14.4g}" for c in columns]
         print(f"{name:<{width}}  " + "  ".join(cells))
 
@@ -241,24 +297,34 @@ def build_parser() -> argparse.ArgumentParser:
                         help="all: every document, packed in order; heldout: the rows training validates on")
     parser.add_argument("--val-batches", type=int, default=None,
                         help="with --split heldout: global batches of rows; default the model's train.val_batches")
+    parser.add_argument("--rows", type=int, default=None,
+                        help="with --split all: the first ROWS rows of --seq-len bytes (wrapping round the "
+                             "documents), as training's eval.sets; default every row, the last one shorter")
+    parser.add_argument("--group-by", choices=GROUP_BYS, default=None,
+                        help="with --split all: also report per file suffix or top-level directory, under each "
+                             "source's 'groups' (--split heldout is per source only)")
     parser.add_argument("--max-bytes", type=int, default=200_000,
                         help="with --split all: bytes read per source at most")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--noise-rate", type=float, default=0.05, help="share of characters each noise changes")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the noise")
     parser.add_argument("--out", default=None, help="write the JSON here as well")
     return parser
 
 
 def check_numbers(args: argparse.Namespace) -> None:
     for flag, value, low in (("--seq-len", args.seq_len, 2), ("--max-bytes", args.max_bytes, 1),
-                             ("--batch-size", args.batch_size, 1), ("--val-batches", args.val_batches, 1)):  # fmt: skip
+                             ("--batch-size", args.batch_size, 1), ("--val-batches", args.val_batches, 1),
+                             ("--rows", args.rows, 1)):  # fmt: skip
         if value is not None and value < low:
             raise UserError(f"{flag}: must be >= {low}, got {value}")
     if not 0 <= args.noise_rate <= 1:
         raise UserError(f"--noise-rate: must be in [0, 1], got {args.noise_rate}")
     if args.val_batches is not None and args.split != "heldout":
         raise UserError("--val-batches: counts held-out rows; give it with --split heldout")
+    for flag, value in (("--rows", args.rows), ("--group-by", args.group_by)):
+        if value is not None and args.split != "all":
+            raise UserError(f"{flag}: works with --split all (--split heldout is per source only)")
 
 
 def start_share() -> Share:
@@ -281,10 +347,18 @@ def run(args: argparse.Namespace, share: Share = Share()) -> dict:
     seq_len = args.seq_len or cfg.train.seq_len
     evaluator = Evaluator(model, patching, entropy_model, seq_len, share.device)
     rows = row_reader(args, cfg, seq_len, entropy_model, share)
-    per_source = {name: source_sums(evaluator, read_source(path, args, cfg), rows, args) for name, path in sources}
-    results = {name: source_results(evaluator, totals) for name, totals in add_over_ranks(per_source, share).items()}
+    units = unit_documents(sources, args, cfg)
+    per_unit = {unit: source_sums(evaluator, documents, rows, args) for unit, documents in units.items()}
+    results: dict = {}
+    for (name, group), totals in add_over_ranks(per_unit, share).items():
+        figures_of = source_results(evaluator, totals, byte_count(units[name, group]))
+        if group is None:
+            results[name] = figures_of
+        else:
+            results[name].setdefault("groups", {})[group] = figures_of
     summary = {"model_dir": str(args.model_dir), "seq_len": seq_len, "split": args.split,
-               "noise_rate": args.noise_rate, "seed": args.seed, "patching": patching.mode,
+               "rows": args.rows, "group_by": args.group_by, "noise_rate": args.noise_rate, "seed": args.seed,
+               "patching": patching.mode,
                "sources": results}  # fmt: skip
     if share.rank == 0:
         print_table(results)

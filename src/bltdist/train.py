@@ -13,12 +13,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from bltdist.config import Config, config_to_dict, load_config, parse_args, save_config
-from bltdist.data import MixtureSource, PackedByteLoader, build_sources
-from bltdist.errors import ConfigError, RunFailed, TrainingDiverged, UserError
+from bltdist.data import DocumentSet, MixtureSource, PackedByteLoader, build_sources, open_table
+from bltdist.errors import ConfigError, DataError, RunFailed, TrainingDiverged, UserError
+from bltdist.evaluate import DEFAULT_SEED, NOISE_KINDS, noised_documents
 from bltdist.flops import peak_tflops, training_flops_per_byte
 from bltdist.metrics import (
     MetricsLogger,
@@ -42,10 +44,11 @@ from bltdist.training.step import NonFiniteGuard, Reporter, optimizer_step
 
 
 class Trainer:
-    """A training run: ``Trainer(cfg, train_docs, val_docs).run()``."""
+    """A training run: ``Trainer(cfg, train_docs, val_docs, build_eval_sets(cfg)).run()``."""
 
-    def __init__(self, cfg: Config, train_docs: list[MixtureSource], val_docs: list[MixtureSource]):
-        self.cfg, self.val_docs = cfg, val_docs
+    def __init__(self, cfg: Config, train_docs: list[MixtureSource], val_docs: list[MixtureSource],
+                 eval_sets: dict[str, dict[str, list[MixtureSource]]] | None = None):  # fmt: skip
+        self.cfg, self.val_docs, self.eval_sets = cfg, val_docs, eval_sets or {}
         self.state = state = build_training_state(cfg)
         self.output_dir, dims = Path(cfg.output_dir), state.dims
         self.is_main = state.rank == 0
@@ -135,6 +138,17 @@ class Trainer:
             for source in self.val_docs:
                 record[f"val_bpb/{source.name}"] = evaluate(self.state, [source], self.cfg, self.accum) / math.log(2)
         self.logger.val_line(record)
+        if self.eval_sets:
+            self.logger.log(self.eval_record(step))
+
+    def eval_record(self, step: int) -> dict:
+        """Each eval set's bpb, clean and per noise kind, on the first eval.batches global batches of its rows."""
+        record = {"step": step}
+        for name, variants in self.eval_sets.items():
+            for variant, sources in variants.items():
+                key = f"eval/{name}/bpb" if variant == "clean" else f"eval/{name}/bpb_{variant}"
+                record[key] = evaluate(self.state, sources, self.cfg, self.accum, self.cfg.eval.batches) / math.log(2)
+        return record
 
     def close(self) -> None:
         self.checkpointer.close()
@@ -202,17 +216,39 @@ def next_batch(loader: PackedByteLoader, device: torch.device) -> tuple[torch.Te
 
 
 @torch.no_grad()
-def evaluate(state: TrainingState, documents: list[MixtureSource], cfg: Config, accum: int) -> float:
-    """Mean held-out loss in nats per byte over the first ``val_batches`` global batches of the
-    held-out stream: the same sequences whatever the layout, split across ranks like training."""
+def evaluate(state: TrainingState, documents: list[MixtureSource], cfg: Config, accum: int,
+             batches: int | None = None) -> float:  # fmt: skip
+    """Mean loss in nats per byte over the first ``batches`` (default ``train.val_batches``) global
+    batches of the documents' unshuffled stream: the same sequences whatever the layout, split
+    across ranks like training."""
+    batches = batches or cfg.train.val_batches
     loader = data_loader(documents, cfg, state, shuffle=False)
     state.stepper.train(False)
     loss_sum = 0.0
-    for _ in range(cfg.train.val_batches * accum):
+    for _ in range(batches * accum):
         loss_sum += state.stepper.evaluate(*next_batch(loader, state.device))
     state.stepper.train(True)
-    byte_count = cfg.train.val_batches * cfg.train.global_batch_size * cfg.train.seq_len
+    byte_count = batches * cfg.train.global_batch_size * cfg.train.seq_len
     return Reporter(state.mesh, state.device).sum([loss_sum])[0] / byte_count
+
+
+def build_eval_sets(cfg: Config) -> dict[str, dict[str, list[MixtureSource]]]:
+    """Per eval.sets entry, the sources of each variant: every document of its path in order ("clean")
+    and one noised copy per noise kind, noised as ``bltdist.evaluate`` does with its default seed.
+    A path that gives no documents is a ConfigError naming its key."""
+    eval_sets = {}
+    for index, eval_set in enumerate(cfg.eval.sets):
+        try:
+            table = open_table(eval_set.path, cfg.data.text_field)
+        except DataError as error:
+            raise ConfigError([f"eval.sets[{index}].path: {error}"]) from error
+        documents = list(table.select(np.arange(len(table))))
+        variants = {"clean": documents}
+        variants.update({kind: noised_documents(documents, kind, cfg.eval.noise_rate, DEFAULT_SEED)
+                         for kind in NOISE_KINDS})  # fmt: skip
+        eval_sets[eval_set.name] = {variant: [MixtureSource(eval_set.name, DocumentSet.of(texts))]
+                                    for variant, texts in variants.items()}  # fmt: skip
+    return eval_sets
 
 
 def device_name(device: torch.device) -> str:
@@ -240,10 +276,11 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(*parse_args(argv))
         check_before_start(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         train_docs, val_docs = build_sources(cfg.data)
+        eval_sets = build_eval_sets(cfg)
         snapshot = cfg.logging.memory_snapshot_on_oom and training_device(cfg.train).type == "cuda"
         with memory_snapshot_on_oom(snapshot, Path(cfg.output_dir), int(os.environ.get("RANK", "0"))):
             started = True
-            Trainer(cfg, train_docs, val_docs).run()
+            Trainer(cfg, train_docs, val_docs, eval_sets).run()
     except (UserError, RunFailed) as error:
         # Every rank finds the same problems before the start and agrees on a RunFailed: one message
         # per node. A UserError after the start may be one rank's alone (a file it cannot read).
