@@ -24,8 +24,9 @@ setup(
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
-        "dev": ["pytest", "transformers>=5", "pyarrow", "matplotlib"],
+        "dev": ["pytest", "transformers>=5", "pyarrow", "matplotlib", "zstandard"],
         "parquet": ["pyarrow"],
+        "zstd": ["zstandard"],
         "flash": ["flash-attn"],
     },
     entry_points={
