@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_convert import VARIANTS, saved_hf_blt
+from test_model import build, tiny_blt_config
 
 from bltdist.config import load_config
 from bltdist.convert import from_hf
@@ -19,8 +21,6 @@ from bltdist.model import ByteLM
 from bltdist.model_dir import save_weights_dir
 from bltdist.patching.online import OnlineBoundaries
 from bltdist.patching.rules import patch_starts
-from test_convert import VARIANTS, saved_hf_blt
-from test_model import build, tiny_blt_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
