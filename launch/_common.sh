@@ -49,14 +49,18 @@ detect_nproc_per_node() {  # NPROC_PER_NODE from the environment, else the numbe
 # session of its own (Ctrl-C, or a signal to this script's process group, reaches only this script)
 # and with SIGUSR1 ignored (Slurm signals every process of a job step); this script passes SIGTERM,
 # SIGINT and SIGHUP (as SIGTERM) and SIGUSR1 to torchrun's children, the trainer processes, and goes
-# on waiting for torchrun, whose exit code (0 after the save) it returns. A second signal, or
+# on waiting for torchrun, whose exit code (0 after the save) it returns. A signal that comes while
+# the trainer processes are still starting (Slurm may send its time-limit warning seconds after the
+# job starts) is held back until each of them has installed its handler: before that, SIGUSR1 would
+# be ignored (inherited from torchrun) and SIGTERM would kill it unsaved. A second signal, or
 # BLTDIST_SHUTDOWN_GRACE seconds (default 600) without an exit, sends SIGTERM to torchrun itself:
 # it ends the trainer processes (SIGKILL after 30 s) and exits non-zero, with no checkpoint of the
-# step in progress.
+# step in progress; SIGUSR1 after SIGTERM (or the reverse) is not a second signal but one request.
 _shutdown_stage=0   # 0 training, 1 the trainer processes were asked to save and stop, 2 torchrun was stopped
 _shutdown_events=0  # signals handled, so that a wait cut short by one is told from torchrun's exit
 _torchrun_pid=
 _grace_timer=
+_forwarded=  # the signal passed to the trainer processes: USR1 or TERM
 
 note() {
     echo "$(basename "$0"): $*" >&2
@@ -76,29 +80,58 @@ _stop_torchrun() {  # _stop_torchrun WHY: the forced stop
     kill -s TERM "$_torchrun_pid" 2>/dev/null || true
 }
 
+_handles_signal() {  # _handles_signal PID SIG: PID has a handler for SIG (or /proc cannot say)
+    local caught
+    caught=$(awk '$1 == "SigCgt:" {print $2}' /proc/"$1"/status 2>/dev/null) || return 0
+    [[ -z $caught ]] || (( 16#$caught >> ($(kill -l "$2") - 1) & 1 ))
+}
+
+_deliver_stop_signal() {  # _deliver_stop_signal SIG: SIG to every trainer process once it handles SIG
+    local sig=$1 pid pending seen signalled=" "
+    while kill -0 "$_torchrun_pid" 2>/dev/null; do
+        pending=0 seen=0
+        for pid in $(_children_of "$_torchrun_pid"); do
+            seen=$((seen + 1))
+            [[ $signalled == *" $pid "* ]] && continue
+            if _handles_signal "$pid" "$sig"; then
+                kill -s "$sig" "$pid" 2>/dev/null || true
+                signalled+="$pid "
+            else
+                pending=$((pending + 1))
+            fi
+        done
+        (( pending == 0 && seen >= ${NPROC_PER_NODE:-1} )) && return 0
+        sleep 0.5
+    done
+}
+
 _on_shutdown_signal() {  # trap of TERM, INT, HUP and USR1 while torchrun runs
-    local sig=$1 forward workers
+    local sig=$1 forward
     _shutdown_events=$((_shutdown_events + 1))
     [[ -n $_torchrun_pid ]] || return 0  # torchrun not started yet: run_torchrun sees the stage
+    forward=$sig
+    [[ $sig == USR1 ]] || forward=TERM  # the trainer saves on SIGTERM and SIGUSR1 only
     case $_shutdown_stage in
     0)
-        forward=$sig
-        [[ $sig == USR1 ]] || forward=TERM  # the trainer saves on SIGTERM and SIGUSR1 only
-        workers=$(_children_of "$_torchrun_pid")
-        if [[ -z $workers ]]; then
-            _stop_torchrun "got SIG$sig before the trainer processes started"
-            return 0
-        fi
         _shutdown_stage=1
+        _forwarded=$forward
         note "got SIG$sig: asking the trainer processes to finish the step, save a checkpoint and exit" \
-            "(SIG$forward to $(echo $workers)); waiting up to BLTDIST_SHUTDOWN_GRACE=$BLTDIST_SHUTDOWN_GRACE s," \
-            "a second signal stops them without saving"
-        kill -s "$forward" $workers 2>/dev/null || true
-        # The timer ignores the signals a whole job step may get, so that they cannot cancel it.
+            "(SIG$forward to each once it is ready for it); waiting up to" \
+            "BLTDIST_SHUTDOWN_GRACE=$BLTDIST_SHUTDOWN_GRACE s; the same signal again stops them without saving"
+        # The helpers ignore the signals a whole job step may get, so that these cannot end them.
+        ( trap '' INT TERM HUP USR1; _deliver_stop_signal "$forward" ) &
         ( trap '' INT TERM HUP USR1; sleep "$BLTDIST_SHUTDOWN_GRACE" && kill -s ALRM $$ ) &
         _grace_timer=$!
         ;;
-    1) _stop_torchrun "got a second signal (SIG$sig)" ;;
+    1)
+        # Slurm sends SIGTERM to every process of a job it cancels, requeues or preempts, and the batch
+        # shell passes it on as SIGUSR1 as well: one request. Only the same signal again insists.
+        if [[ $forward != "$_forwarded" ]]; then
+            note "got SIG$sig after SIG$_forwarded: the same request, already passed on"
+        else
+            _stop_torchrun "got a second signal (SIG$sig)"
+        fi
+        ;;
     *) note "got SIG$sig: already stopping torchrun" ;;
     esac
 }

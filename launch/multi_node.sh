@@ -27,7 +27,7 @@ environment (optional):
 signals: SIGTERM, SIGINT (Ctrl-C), SIGHUP and SIGUSR1 go to this node's trainer processes, not to
 torchrun. The ranks of all nodes agree to stop after the current step, save
 output_dir/checkpoints/step_N and exit 0, so a signal to one node's script stops every node cleanly.
-A second signal, or BLTDIST_SHUTDOWN_GRACE seconds without an exit, stops torchrun (no checkpoint
+The same signal again, or BLTDIST_SHUTDOWN_GRACE seconds without an exit, stops torchrun (no checkpoint
 of that step) and the script exits non-zero.
 
 exit codes: 0 success (also after a checkpoint on a signal), 2 bad config or environment,

@@ -18,7 +18,7 @@ environment:
 
 signals: SIGTERM, SIGINT (Ctrl-C), SIGHUP and SIGUSR1 go to the trainer processes, not to
 torchrun: they finish the current step, save output_dir/checkpoints/step_N and exit 0, and so does
-this script. A second signal, or BLTDIST_SHUTDOWN_GRACE seconds without an exit, stops torchrun
+this script. The same signal again, or BLTDIST_SHUTDOWN_GRACE seconds without an exit, stops torchrun
 (no checkpoint of that step) and the script exits non-zero.
 
 exit codes: 0 success (also after a checkpoint on a signal), 2 bad config or environment,
