@@ -12,8 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from bltdist.config import load_config
-from bltdist.data import PackedByteLoader, load_documents
+from bltdist.config import DataConfig, load_config
+from bltdist.data import (
+    DocumentSet,
+    PackedByteLoader,
+    build_sources,
+    load_documents,
+    prepare,
+)
 from bltdist.data.sources import stdlib_root
 from bltdist.model import ByteLM
 from bltdist.model_dir import save_weights_dir
@@ -161,6 +167,36 @@ def test_precomputed_entropies_refuse_another_model_missing_documents_and_missin
         PrecomputedEntropies(str(out), EntropyModel(model_dir))
     with pytest.raises(Exception, match="another entropy model, data or --shard-tokens"):
         precompute(str(other_dir), documents, str(out), shard_tokens=200, workers=1, log=lambda _: None)
+
+
+def test_entropies_of_a_prepared_directory_follow_its_shards_and_are_found_by_row(tmp_path, monkeypatch):
+    model_dir = seeded_entropy_model(tmp_path / "em", context=24)
+    for index, document in enumerate(small_documents()):
+        (tmp_path / "corpus").mkdir(exist_ok=True)
+        (tmp_path / "corpus" / f"doc{index:02d}.txt").write_bytes(document)
+    prepared, out = tmp_path / "prepared", tmp_path / "pre"
+    prepare([str(tmp_path / "corpus")], str(prepared), shard_bytes=300, log=lambda _: None)
+    result = run_module("bltdist.patch", ["precompute", f"--entropy-model={model_dir}", f"--data={prepared}",
+                                          f"--out={out}", "--workers=2"])  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    manifest, data = (json.loads((d / "manifest.json").read_text()) for d in (out, prepared))
+    assert manifest["prepared"] == data["fingerprint"] and len(manifest["shards"]) > 3
+    assert [s["documents"] for s in manifest["shards"]] == [s["documents"] for s in data["shards"] if s["documents"]]
+    store = PrecomputedEntropies(str(out), EntropyModel(model_dir))
+    train, val = build_sources(DataConfig(path=str(prepared), val_fraction=0.3))
+    online = EntropyModel(model_dir)
+    with monkeypatch.context() as patched:  # found from rows and offsets: no digest is read or hashed
+        patched.setattr(DocumentSet, "digests", lambda self: pytest.fail("looked up by digest"))
+        sources = [(part, store.source(part)) for part in (train[0].documents, val[0].documents)]
+    for documents, source in sources:
+        assert len(documents) > 2
+        for index, document in enumerate(documents):
+            assert np.array_equal(source.span(index, 0, len(document) + 2), online.document_entropies(document))
+    # The same documents as a mixture of two sources are found by their stored digests instead.
+    loader = PackedByteLoader([train[0], val[0]], 24, 2, 0, 1, seed=1)
+    mixed = store.source(loader.documents)
+    last = len(loader.documents) - 1
+    assert np.array_equal(mixed.span(last, 1, 9), online.document_entropies(val[0].documents[-1])[1:9])
 
 
 @pytest.mark.slow

@@ -108,6 +108,20 @@ def test_prepare_killed_and_rerun_is_byte_identical(tmp_path):
     assert directory_bytes(out) == directory_bytes(tmp_path / "reference")
 
 
+def test_prepare_under_torchrun_writes_each_ranks_share_and_the_bytes_of_one_process(tmp_path):
+    corpus = mixed_corpus(tmp_path / "corpus")
+    single = run_prepare([corpus], tmp_path / "single", "--shard-bytes", "300")
+    assert single.returncode == 0, single.stderr
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "bltdist.data", "prepare", str(corpus), "--out", str(tmp_path / "ranks"), "--shard-bytes", "300"]  # fmt: skip
+    ranks = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300)
+    assert ranks.returncode == 0, ranks.stderr
+    shards = len(json.loads((tmp_path / "single" / "manifest.json").read_text())["shards"])
+    for rank in range(2):  # each rank wrote every other shard
+        assert f"(rank {rank} of 2): 0 of {len(range(rank, shards, 2))} shard(s) already written" in ranks.stdout
+    assert directory_bytes(tmp_path / "ranks") == directory_bytes(tmp_path / "single")
+
+
 def test_prepare_refuses_other_inputs_and_a_reader_refuses_an_unfinished_directory(tmp_path):
     write(tmp_path / "a.txt", "alpha")
     write(tmp_path / "b.txt", "beta")

@@ -4,11 +4,17 @@ A prepared directory (format in ``bltdist.data.prepared``) is what ``data.path``
 ``data.sources`` path should point at for large corpora: every rank memory-maps it instead of
 reading the files into memory. Rerunning an interrupted command finishes it, keeping the shards
 already written; the result is byte-identical to an uninterrupted run with any ``--workers``.
+
+Under ``torchrun`` (or with RANK and WORLD_SIZE set by hand, on a filesystem every rank shares) each
+rank writes its share of the shards, every rank with its own ``--workers`` processes, and rank 0
+writes the manifest once all are there: the same bytes as one process writes. No process group is
+started; ranks meet through the files only.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from bltdist.data.prepared import DEFAULT_SHARD_BYTES, prepare
@@ -37,10 +43,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.workers < 1 or args.shard_bytes < 1:
         parser.error("--workers and --shard-bytes must be >= 1")
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        prepare(args.inputs, args.out, args.workers, args.text_field, args.shard_bytes)
+        prepare(args.inputs, args.out, args.workers, args.text_field, args.shard_bytes, rank=rank, world_size=world_size)
     except UserError as error:
-        print(f"{PROGRAM} {args.command}: error: {error}", file=sys.stderr)
+        where = f"[rank {rank}] " if world_size > 1 else ""
+        print(f"{PROGRAM} {args.command}: error: {where}{error}", file=sys.stderr)
         sys.exit(2)
 
 

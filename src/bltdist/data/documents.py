@@ -41,9 +41,12 @@ class DocumentTable:
         key_crc32: np.ndarray,
         stored_digests: Callable[[np.ndarray], np.ndarray] | None = None,
         fingerprint: str | None = None,
+        shard_documents: Sequence[int] | None = None,
     ):
         self.shards = shards
         self.shard_starts = np.concatenate([[0], np.cumsum([len(shard) for shard in shards], dtype=np.int64)])
+        # First row of each shard: shard s holds rows [shard_rows[s], shard_rows[s + 1]).
+        self.shard_rows = np.concatenate([[0], np.cumsum(shard_documents or [len(lengths)], dtype=np.int64)])
         self.starts, self.lengths, self.key_crc32 = starts, lengths, key_crc32
         self.stored_digests = stored_digests  # rows -> (rows, 16) digests, when the source stores them
         self.fingerprint = fingerprint  # names the exact content, when the source knows it without reading it
@@ -61,7 +64,7 @@ class DocumentTable:
 
     def byte_range(self, start: int, length: int) -> np.ndarray:
         """Bytes [start, start + length) of the shards laid end to end; a document never crosses shards."""
-        shard = int(np.searchsorted(self.shard_starts, start, side="right")) - 1 if len(self.shards) > 1 else 0
+        shard = int(self.shard_starts.searchsorted(start, side="right")) - 1 if len(self.shards) > 1 else 0
         local = start - int(self.shard_starts[shard])
         return self.shards[shard][local : local + length]
 
@@ -120,14 +123,15 @@ class DocumentSet(Sequence[bytes]):
         """Tokens of each document: [BOS] + bytes + [EOS]."""
         return self.lengths + 2
 
-    def tokens(self, index: int, start: int, stop: int) -> np.ndarray:
-        """int16 tokens [start, stop) of document ``index`` as [BOS] + bytes + [EOS], read from its shard."""
+    def tokens(self, index: int, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Tokens [start, stop) of document ``index`` as [BOS] + bytes + [EOS], read from its shard,
+        written into ``out`` (any integer dtype, ``stop - start`` long) or a new int16 array."""
         length = int(self.lengths[index])
-        tokens = np.empty(stop - start, dtype=np.int16)
+        tokens = np.empty(stop - start, dtype=np.int16) if out is None else out
         body_start, body_stop = max(start, 1), min(stop, length + 1)  # token positions holding bytes
         if body_stop > body_start:
             body = self.table.byte_range(int(self.starts[index]) + body_start - 1, body_stop - body_start)
-            np.add(body, BYTE_OFFSET, out=tokens[body_start - start : body_stop - start], dtype=np.int16)
+            np.add(body, BYTE_OFFSET, out=tokens[body_start - start : body_stop - start], dtype=tokens.dtype)
         if start == 0:
             tokens[0] = BOS_ID
         if stop == length + 2:

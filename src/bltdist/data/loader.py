@@ -16,12 +16,20 @@ entropy model. Entropies belong to documents, not to sequences (see ``bltdist.pa
 loader finds which documents a sequence window covers and asks the source for exactly those
 spans, so a sequence that starts mid-document gets the same entropies as the whole document would.
 Document indexes count through the sources in order (``PackedByteLoader.documents``).
+
+With ``prefetch`` > 0 the next batches (tokens and entropies) are prepared on a background thread
+while the training step runs. Batch k is a function of k alone, so the thread computes batches
+ahead while the loader counts only those handed out: its state is always that of the batches
+consumed, and a resume repeats none and skips none of them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import functools
+import queue
+import threading
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -60,21 +68,24 @@ class PackedStream:
         self.epoch_tokens = int(self.token_lengths.sum())
         self._orders: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    def window(self, start: int, length: int) -> np.ndarray:
-        """stream[start : start + length] as int16 tokens, read document piece by document piece."""
-        pieces = [self.documents.tokens(document, lo, hi) for document, lo, hi in self.pieces(start, length)]
-        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+    def window(self, start: int, out: np.ndarray) -> None:
+        """Write stream[start : start + len(out)] into ``out``, document piece by document piece."""
+        position = 0
+        for document, lo, hi in self.pieces(start, len(out)):
+            self.documents.tokens(document, lo, hi, out[position : position + hi - lo])
+            position += hi - lo
 
     def pieces(self, start: int, length: int) -> list[tuple[int, int, int]]:
         """(document index, first token, end token) of each document piece in stream[start : start + length]."""
-        for stale in [epoch for epoch in self._orders if epoch < start // self.epoch_tokens]:
-            del self._orders[stale]
+        if len(self._orders) > 1:  # a window may span two epochs; older ones are not read again
+            for stale in [epoch for epoch in self._orders if epoch < start // self.epoch_tokens]:
+                del self._orders[stale]
         pieces = []
         position, end = start, start + length
         while position < end:
             epoch, offset = divmod(position, self.epoch_tokens)
-            order, order_starts = self._epoch_order(epoch)
-            slot = int(np.searchsorted(order_starts, offset, side="right")) - 1
+            order, order_starts = self._orders[epoch] if epoch in self._orders else self._epoch_order(epoch)
+            slot = int(order_starts.searchsorted(offset, side="right")) - 1
             document = int(order[slot])
             lo = offset - int(order_starts[slot])
             hi = min(int(self.token_lengths[document]), lo + end - position)
@@ -168,6 +179,7 @@ class PackedByteLoader:
         seed: int,
         shuffle: bool = True,
         entropy_source: EntropySource | None = None,
+        prefetch: int = 0,
     ):
         sources = documents if documents and isinstance(documents[0], MixtureSource) else None
         if sources is None:
@@ -178,12 +190,15 @@ class PackedByteLoader:
             raise ValueError(f"seq_len and micro_batch_size must be >= 1, got {seq_len} and {micro_batch_size}")
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank must be in [0, dp_size={dp_size}), got {dp_rank}")
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {prefetch}")
         self.seq_len, self.micro_batch_size, self.dp_rank, self.dp_size = seq_len, micro_batch_size, dp_rank, dp_size
         self.seed, self.shuffle, self.entropy_source, self.sources = seed, shuffle, entropy_source, sources
         self.streams = [PackedStream(source.documents, seed, index, shuffle) for index, source in enumerate(sources)]
         self.schedule = SourceSchedule([source.name for source in sources], [source.weight for source in sources])
         self._document_bases = np.cumsum([0] + [len(source.documents) for source in sources])
         self._batches_served = 0  # micro-batches served to this rank; all ranks advance in lockstep
+        self.prefetch, self._prefetcher = prefetch, None
 
     @property
     def documents(self) -> Sequence[bytes]:
@@ -242,18 +257,40 @@ class PackedByteLoader:
         return self._next(with_entropies=True)
 
     def _next(self, with_entropies: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        first_sequence = (self._batches_served * self.dp_size + self.dp_rank) * self.micro_batch_size
-        windows, entropies = [], []
-        for sequence in range(first_sequence, first_sequence + self.micro_batch_size):
+        if not self.prefetch:
+            batch = self.batch(self._batches_served, with_entropies)
+        else:
+            prefetcher = self._prefetcher
+            if prefetcher is None or (prefetcher.next_index, prefetcher.with_entropies) != (
+                self._batches_served, with_entropies
+            ):  # the first batch, or the position was moved by load_state_dict
+                self.close()
+                make_batch = functools.partial(self.batch, with_entropies=with_entropies)
+                self._prefetcher = BatchPrefetcher(make_batch, self._batches_served, self.prefetch, with_entropies)
+            batch = self._prefetcher.take()
+        self._batches_served += 1
+        return batch
+
+    def close(self) -> None:
+        """Stop the background thread, if any (a later batch starts a new one)."""
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
+
+    def batch(self, index: int, with_entropies: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """This rank's ``index``-th micro-batch (inputs, targets, entropies or None); changes no state."""
+        first_sequence = (index * self.dp_size + self.dp_rank) * self.micro_batch_size
+        windows = np.empty((self.micro_batch_size, self.seq_len + 1), dtype=np.int64)
+        entropies = []
+        for row, sequence in enumerate(range(first_sequence, first_sequence + self.micro_batch_size)):
             source, number = self.schedule.locate(sequence)
             stream, start = self.streams[source], number * self.seq_len
-            windows.append(stream.window(start, self.seq_len + 1))
+            stream.window(start, windows[row])
             if with_entropies:
                 base = int(self._document_bases[source])
                 entropies.extend(self.entropy_source.span(base + document, lo, hi)
                                  for document, lo, hi in stream.pieces(start, self.seq_len))  # fmt: skip
-        sequences = torch.from_numpy(np.stack(windows)).long()
-        self._batches_served += 1
+        sequences = torch.from_numpy(windows)
         values = None
         if with_entropies:
             values = torch.from_numpy(np.concatenate(entropies)).view(self.micro_batch_size, self.seq_len)
@@ -305,6 +342,47 @@ class PackedByteLoader:
                 f"micro_batch_size x dp_size = {per_round}; keep the global batch size of the checkpoint"
             )
         self._batches_served = consumed // per_round
+
+
+class BatchPrefetcher:
+    """Runs ``make_batch(first)``, ``make_batch(first + 1)``, ... on a background thread, at most
+    ``depth`` batches ahead of ``take``. An exception in the thread is raised by the ``take`` that
+    would have returned its batch."""
+
+    def __init__(self, make_batch: Callable[[int], tuple], first: int, depth: int, with_entropies: bool):
+        self.next_index, self.with_entropies = first, with_entropies
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(make_batch, first), name="bltdist-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self, make_batch: Callable[[int], tuple], index: int) -> None:
+        while not self._stop.is_set():
+            try:
+                item = (make_batch(index), None)
+            except Exception as error:  # noqa: BLE001 (handed to the training thread, which raises it)
+                item = (None, error)
+            self._queue.put(item)
+            if item[1] is not None:
+                return
+            index += 1
+
+    def take(self) -> tuple:
+        batch, error = self._queue.get()
+        if error is not None:
+            raise error
+        self.next_index += 1
+        return batch
+
+    def close(self) -> None:
+        self._stop.set()
+        # Emptying the queue frees a put the thread may be blocked in; it then sees the stop and ends.
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join()
 
 
 def _source_mismatches(saved: list[dict], current: list[dict]) -> list[str]:

@@ -30,6 +30,8 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import resource
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,7 +45,7 @@ from bltdist.data.documents import (
     key_checksum,
 )
 from bltdist.data.sources import iter_documents, list_files, source_root
-from bltdist.errors import DataError
+from bltdist.errors import DataError, UserError
 
 FORMAT_NAME = "bltdist-prepared"
 FORMAT_VERSION = 1
@@ -84,36 +86,33 @@ def plan_shards(inputs: list[str], text_field: str, shard_bytes: int) -> dict:
 
 def prepare(
     inputs: list[str], out: str, workers: int = 1, text_field: str = "text", shard_bytes: int = DEFAULT_SHARD_BYTES,
-    log: Callable[[str], None] = print,
-) -> dict:  # fmt: skip
-    """Write (or finish writing) the prepared dataset of ``inputs`` to ``out``; returns its manifest."""
+    log: Callable[[str], None] = print, rank: int = 0, world_size: int = 1,
+) -> dict | None:  # fmt: skip
+    """Write (or finish writing) the prepared dataset of ``inputs`` to ``out``; returns its manifest.
+
+    With ``world_size`` > 1 (one call per rank, e.g. under torchrun, on a filesystem all ranks
+    share) rank r writes shards r, r + world_size, ...; rank 0 then waits for every shard and writes
+    the manifest, the other ranks return None when their shards are written. The output is the
+    same bytes as one process writes.
+    """
     out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DataError(f"--out: {out_dir} is a file; give a directory for the prepared dataset")
     plan = plan_shards(inputs, text_field, shard_bytes)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plan_path = out_dir / PLAN_FILE
-    if plan_path.exists():
-        if _read_json(plan_path) != plan:
-            raise DataError(
-                f"--out: {out_dir} holds a prepared dataset of other inputs, --text-field or --shard-bytes; "
-                "give another --out directory or delete this one"
-            )
-    else:
-        atomic_write(plan_path, json.dumps(plan, indent=1) + "\n")
-    for leftover in out_dir.glob(".*.tmp-*"):
-        leftover.unlink()  # a file being written when a previous run was killed
-    pending = [index for index in range(len(plan["shards"])) if not (out_dir / shard_files(index)["summary"]).exists()]
-    log(f"prepare: {len(plan['shards']) - len(pending)} of {len(plan['shards'])} shard(s) already written, "
-        f"{len(pending)} to go")  # fmt: skip
-    tasks = [(str(out_dir), index, plan["shards"][index], text_field) for index in pending]
-    if workers <= 1 or len(tasks) <= 1:
-        for task in tasks:
-            log(_write_shard(task))
-    else:
-        with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
-            for message in pool.imap_unordered(_write_shard, tasks):
-                log(message)
+    mine = range(rank, len(plan["shards"]), world_size)
+    start_resumable_output(
+        out_dir / PLAN_FILE, plan,
+        DataError(f"--out: {out_dir} holds a prepared dataset of other inputs, --text-field or --shard-bytes; "
+                  "give another --out directory or delete this one"),
+        # Each rank cleans up only what it writes itself: the rest may be another rank's file in progress.
+        owned=None if world_size == 1 else [shard_files(index)["bytes"][:-len("bytes")] for index in mine]
+        + ([PLAN_FILE, MANIFEST_FILE] if rank == 0 else []),
+    )  # fmt: skip
+    pending = [index for index in mine if not (out_dir / shard_files(index)["summary"]).exists()]
+    where = f" (rank {rank} of {world_size})" if world_size > 1 else ""
+    log(f"prepare{where}: {len(mine) - len(pending)} of {len(mine)} shard(s) already written, {len(pending)} to go")
+    run_tasks(_write_shard, [(str(out_dir), index, plan["shards"][index], text_field) for index in pending], workers, log)
+    if rank != 0:
+        return None
+    wait_for_files([out_dir / shard_files(index)["summary"] for index in range(len(plan["shards"]))], log)
     manifest = _manifest(out_dir, plan)
     if manifest["documents"] == 0:
         raise DataError(f"{', '.join(inputs)}: no documents in any input file; check the inputs and --text-field")
@@ -121,6 +120,53 @@ def prepare(
     log(f"prepare: {manifest['documents']} documents, {manifest['bytes']} bytes in {len(manifest['shards'])} "
         f"shard(s) written to {out_dir}")  # fmt: skip
     return manifest
+
+
+def start_resumable_output(plan_path: Path, plan: dict, other_plan: UserError, owned: list[str] | None = None) -> None:
+    """Start or resume an output directory whose files are written atomically, described by ``plan``:
+    write ``plan_path``, or raise ``other_plan`` when the one there describes other output, and delete
+    the staging files a killed run left behind (``bltdist.atomic``). With ``owned`` (one of several
+    processes writing the directory) only the files whose names start with one of its entries are
+    this process's: it writes the plan only when that is one of them, and deletes only their staging files."""
+    out_dir = plan_path.parent
+    if out_dir.exists() and not out_dir.is_dir():
+        raise type(other_plan)(f"--out: {out_dir} is a file; give a directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if plan_path.exists():
+        try:
+            same = json.loads(plan_path.read_text(encoding="utf-8")) == plan
+        except (OSError, ValueError):
+            same = False  # unreadable: not a plan this command wrote
+        if not same:
+            raise other_plan
+    elif owned is None or plan_path.name in owned:
+        atomic_write(plan_path, json.dumps(plan, indent=1) + "\n")
+    for leftover in out_dir.glob(".*.tmp-*"):
+        if owned is None or any(leftover.name.startswith(f".{name}") for name in owned):
+            leftover.unlink(missing_ok=True)  # a file being written when a previous run was killed
+
+
+def run_tasks(function: Callable, tasks: list, workers: int, log: Callable[[str], None],
+              initializer: Callable[[], None] | None = None) -> None:  # fmt: skip
+    """``function(task)`` for every task, in ``workers`` spawned processes when there are several;
+    each returns the line to log."""
+    if workers <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            log(function(task))
+        return
+    with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks)), initializer=initializer) as pool:
+        for message in pool.imap_unordered(function, tasks):
+            log(message)
+
+
+def wait_for_files(paths: list[Path], log: Callable[[str], None], poll_s: float = 0.5) -> None:
+    """Return once every path exists (files other ranks write); logs what it waits for once a minute."""
+    last_log = time.monotonic()
+    while missing := [path for path in paths if not path.exists()]:
+        if time.monotonic() - last_log > 60:
+            log(f"prepare: waiting for {len(missing)} shard(s) other ranks write, e.g. {missing[0].name}")
+            last_log = time.monotonic()
+        time.sleep(poll_s)
 
 
 def _write_shard(task: tuple[str, int, list[dict], str]) -> str:
@@ -184,22 +230,34 @@ def open_prepared(directory: str) -> DocumentTable:
     if manifest.get("format") != FORMAT_NAME or manifest.get("version") != FORMAT_VERSION:
         raise DataError(f"{root}: {MANIFEST_FILE} is {manifest.get('format')} version {manifest.get('version')}, this "
                         f"bltdist reads {FORMAT_NAME} version {FORMAT_VERSION}; prepare the data again")  # fmt: skip
-    shards, columns = [], {column: [] for column in COLUMNS}
-    for shard in manifest["shards"]:
-        names = shard_files(shard["index"])
-        data_path = root / names["bytes"]
+    kept = [shard for shard in manifest["shards"] if shard["documents"]]  # shards without documents are left out
+    _allow_open_files(len(kept))
+    shards = []
+    for shard in kept:
+        data_path = root / shard_files(shard["index"])["bytes"]
         if not data_path.is_file() or data_path.stat().st_size != shard["bytes"]:
             raise DataError(f"{data_path}: missing, or not the {shard['bytes']} bytes {MANIFEST_FILE} says; prepare "
                             "the data again")  # fmt: skip
-        if shard["documents"]:  # an empty file cannot be memory-mapped
-            shards.append(np.memmap(data_path, dtype=np.uint8, mode="r"))
-            for column in COLUMNS:
-                columns[column].append(np.load(root / names[column], mmap_mode="r"))
-    lengths = np.concatenate(columns["lengths"])
+        # A memory map keeps its file open; an empty file cannot be mapped.
+        shards.append(np.memmap(data_path, dtype=np.uint8, mode="r") if shard["bytes"] else np.zeros(0, np.uint8))
+
+    def column(name: str) -> np.ndarray:  # read whole (a few bytes per document), so no file stays open
+        return np.concatenate([np.load(root / shard_files(shard["index"])[name]) for shard in kept])
+
+    lengths, key_crc32 = column("lengths"), column("key_crc32")
     starts = np.cumsum(lengths) - lengths  # shards laid end to end hold the documents in order
 
-    def stored_digests(rows: np.ndarray) -> np.ndarray:
-        return np.concatenate(columns["digests"])[rows]
+    def stored_digests(rows: np.ndarray) -> np.ndarray:  # read when precomputed entropies are looked up by digest
+        return column("digests")[rows]
 
-    return DocumentTable(shards, starts, lengths, np.concatenate(columns["key_crc32"]), stored_digests,
-                         manifest["fingerprint"])  # fmt: skip
+    return DocumentTable(shards, starts, lengths, key_crc32, stored_digests, manifest["fingerprint"],
+                         [shard["documents"] for shard in kept])  # fmt: skip
+
+
+def _allow_open_files(mapped: int) -> None:
+    """Raise this process's open-file limit up to its hard limit when ``mapped`` memory maps (one open
+    file each) would come near the soft one: a large corpus has thousands of shards."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = mapped + 1024  # room for everything else the process opens
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard), hard))

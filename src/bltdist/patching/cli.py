@@ -23,7 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bltdist.data import iter_documents, list_files, load_documents
+from bltdist.data import (
+    is_prepared,
+    iter_documents,
+    list_files,
+    load_documents,
+    open_table,
+)
 from bltdist.data.sources import source_root
 from bltdist.errors import UserError
 from bltdist.patching.entropy import EntropyModel
@@ -141,6 +147,8 @@ def calibrate_threshold(
 
 def group_documents(data: str | None, text_field: str, group_by: str) -> dict[str, list[bytes]]:
     """Documents of ``data`` by input file (its path relative to the data root) or by file suffix."""
+    if is_prepared(data):
+        raise UserError(f"--data: {data} is a prepared directory; stats groups by input file, so give its inputs")
     root = source_root(data)
     groups: dict[str, list[bytes]] = {}
     for file in list_files(data):
@@ -245,11 +253,16 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--sample-bytes", type=_positive_int, default=DEFAULT_SAMPLE_BYTES, help="bytes sampled")
     calibrate.add_argument("--seed", type=int, default=0, help="seed of the document sample")
 
-    precompute = commands.add_parser("precompute", help="write the entropies of a data set as sharded files")
+    precompute = commands.add_parser(
+        "precompute", help="write the entropies of a data set as sharded files (--data may be a prepared directory)"
+    )
     common(precompute)
     precompute.add_argument("--out", required=True, help="output directory (rerun the command to resume)")
     precompute.add_argument("--workers", type=_positive_int, default=1, help="processes")
-    precompute.add_argument("--shard-tokens", type=_positive_int, default=1 << 22, help="tokens per shard (about)")
+    precompute.add_argument(
+        "--shard-tokens", type=_positive_int, default=1 << 22,
+        help="tokens per shard (about); a prepared --data keeps its own shards, one entropy shard each",
+    )  # fmt: skip
 
     stats = commands.add_parser("stats", help="patch length statistics per input file or file suffix")
     common(stats)
@@ -267,7 +280,8 @@ def run_calibrate(args: argparse.Namespace) -> None:
             f"--target-patch-size: must be >= 1 byte (a patch holds at least one byte), got {args.target_patch_size}"
         )
     model = EntropyModel(args.entropy_model)
-    documents = [document for _, document in load_documents(args.data, args.text_field)]
+    table = open_table(args.data, args.text_field)  # a prepared directory too
+    documents = table.select(np.arange(len(table)))
     sample = entropy_sample(model, documents, args.sample_bytes, args.seed)
     rows = packed_rows(sample, args.seq_len)
     threshold, achieved = calibrate_threshold(rows, args.target_patch_size, args.mode, args.max_patch_length)
@@ -285,7 +299,8 @@ def run_calibrate(args: argparse.Namespace) -> None:
 
 
 def run_precompute(args: argparse.Namespace) -> None:
-    documents = [document for _, document in load_documents(args.data, args.text_field)]
+    # A prepared directory is read shard by shard in the workers, from its memory map; files are read here.
+    documents = args.data if is_prepared(args.data) else [d for _, d in load_documents(args.data, args.text_field)]
     summary = precompute(args.entropy_model, documents, args.out, args.shard_tokens, args.workers)
     print(json.dumps(summary))
 
