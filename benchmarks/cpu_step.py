@@ -4,15 +4,21 @@ Shapes (BLT_NOTES section 4): local dim 256 with 1 encoder and 4 decoder layers,
 layers, cross_attn_k 2, hash n-grams 3..8 with 500002 rows each, batch 4 x 1024 bytes, static
 patches of 4 (BOS patch first). Both models get the same bytes and the same patch lengths; the
 timed region is one forward, the byte cross-entropy and one backward, gradients dropped between
-iterations. Writes benchmarks/results/cpu_step-<device>-<date>.json and prints
-``ratio_vs_hf=X`` as its last line.
+iterations.
 
-    python benchmarks/cpu_step.py [--iters 5] [--warmup 1] [--threads N]
+The machine may be shared, so the two models alternate step by step (with an fp32 2048^3 matmul
+between them, the yardstick of what these cores do) and every figure is a median over --iters
+rounds: load that comes and goes hits both sides alike. Model FLOP/s count by bltdist's formula
+(``bltdist.flops``, 3 x forward) for both models, which compute the same function. Writes
+benchmarks/results/cpu_step-<device>-<date>.json and prints ``ratio_vs_hf=X`` as its last line.
+
+    python benchmarks/cpu_step.py [--iters 7] [--warmup 1] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from dataclasses import asdict
@@ -22,6 +28,7 @@ import torch.nn.functional as F
 from results import write_results
 
 from bltdist.config import BLTConfig
+from bltdist.flops import blt_forward_flops_per_byte
 from bltdist.model import BLT
 from bltdist.patching import patch_lengths, patch_starts
 
@@ -61,18 +68,37 @@ def hf_model():
     return BltForCausalLM(config)
 
 
-def time_steps(step, iters: int, warmup: int) -> float:
-    for _ in range(warmup):
-        step()
+MATMUL_SIZE = 2048
+
+
+def seconds(step) -> float:
     start = time.perf_counter()
-    for _ in range(iters):
-        step()
-    return (time.perf_counter() - start) / iters
+    step()
+    return time.perf_counter() - start
+
+
+def interleaved_seconds(steps: dict, iters: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds of each step per round; every round runs each step once, in turn."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times = {name: [] for name in steps}
+    for round_index in range(iters):
+        for name, step in steps.items():
+            times[name].append(seconds(step))
+        print(f"round {round_index + 1}/{iters}: " + ", ".join(f"{name} {t[-1]:.2f} s" for name, t in times.items()),
+              file=sys.stderr, flush=True)  # fmt: skip
+    return times
+
+
+def matmul_step():
+    a, b = (torch.randn(MATMUL_SIZE, MATMUL_SIZE) for _ in range(2))
+    return lambda: torch.mm(a, b)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None, help="results JSON path (default benchmarks/results/...)")
@@ -88,41 +114,55 @@ def main() -> None:
 
     ours = BLT(BLTConfig(**SHAPE))
     ours.init_weights()
+    reference = hf_model()
 
     def our_step():
         logits = ours(tokens, lengths)
         F.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
         ours.zero_grad(set_to_none=True)
 
-    our_seconds = time_steps(our_step, args.iters, args.warmup)
-    del ours
-
-    reference = hf_model()
-
     def hf_step():
         logits = reference(input_ids=tokens, patch_lengths=lengths, use_cache=False).logits
         F.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
         reference.zero_grad(set_to_none=True)
 
-    hf_seconds = time_steps(hf_step, args.iters, args.warmup)
-
+    times = interleaved_seconds({"bltdist": our_step, "matmul": matmul_step(), "transformers": hf_step},
+                                args.iters, args.warmup)  # fmt: skip
+    medians = {name: statistics.median(values) for name, values in times.items()}
     step_bytes = BATCH * SEQ_LEN
+    avg_patch_len = step_bytes / int((lengths > 0).sum())
+    step_flops = 3 * blt_forward_flops_per_byte(BLTConfig(**SHAPE), SEQ_LEN, avg_patch_len) * step_bytes
+    matmul_gflops = 2 * MATMUL_SIZE**3 / medians["matmul"] / 1e9
+    our_gflops = step_flops / medians["bltdist"] / 1e9
     import transformers
 
     config = {**asdict(BLTConfig(**SHAPE)), "batch": BATCH, "seq_len": SEQ_LEN, "patch_size": PATCH_SIZE,
-              "iters": args.iters, "warmup": args.warmup}  # fmt: skip
+              "iters": args.iters, "warmup": args.warmup, "schedule": "interleaved rounds, medians"}  # fmt: skip
     result = {
         "threads": torch.get_num_threads(),
         "transformers": transformers.__version__,
-        "seconds_per_step": our_seconds,
-        "hf_seconds_per_step": hf_seconds,
-        "bytes_per_sec": step_bytes / our_seconds,
-        "hf_bytes_per_sec": step_bytes / hf_seconds,
-        "ratio_vs_hf": hf_seconds / our_seconds,
+        "seconds_per_step": medians["bltdist"],
+        "hf_seconds_per_step": medians["transformers"],
+        "bytes_per_sec": step_bytes / medians["bltdist"],
+        "hf_bytes_per_sec": step_bytes / medians["transformers"],
+        "ratio_vs_hf": medians["transformers"] / medians["bltdist"],
+        "ratio_vs_hf_per_round_median": statistics.median(
+            hf / ours for ours, hf in zip(times["bltdist"], times["transformers"])
+        ),
+        "avg_patch_len": avg_patch_len,
+        "model_gflop_per_step": step_flops / 1e9,
+        "model_gflops_per_sec": our_gflops,
+        "hf_model_gflops_per_sec": step_flops / medians["transformers"] / 1e9,
+        "matmul_fp32_2048_gflops_per_sec": matmul_gflops,
+        "fraction_of_matmul": our_gflops / matmul_gflops,
+        "seconds_per_round": times,
     }
     out = write_results("cpu_step", "cpu", config, result, out=args.out)
-    print(f"bltdist: {result['bytes_per_sec']:.0f} bytes/s ({our_seconds:.3f} s/step)", file=sys.stderr)
-    print(f"transformers: {result['hf_bytes_per_sec']:.0f} bytes/s ({hf_seconds:.3f} s/step)", file=sys.stderr)
+    print(f"bltdist: {result['bytes_per_sec']:.0f} bytes/s ({medians['bltdist']:.3f} s/step), "
+          f"{our_gflops:.1f} GFLOP/s = {result['fraction_of_matmul']:.0%} of the fp32 matmul's "
+          f"{matmul_gflops:.1f}", file=sys.stderr)  # fmt: skip
+    print(f"transformers: {result['hf_bytes_per_sec']:.0f} bytes/s ({medians['transformers']:.3f} s/step)",
+          file=sys.stderr)  # fmt: skip
     print(f"results: {out}", file=sys.stderr)
     print(f"ratio_vs_hf={result['ratio_vs_hf']:.2f}")
 

@@ -7,6 +7,12 @@ exist because which one is faster depends on how often rows repeat (``benchmarks
 times both): ``atomic`` adds each position's gradient into its rows with atomics (fast, but the
 order of additions and so the last bits vary between runs); ``sorted`` sorts the rows and lets
 one program sum every position of one row (deterministic, at the price of a sort).
+
+Neither holds a dense copy of the table beside its gradient (for blt_1b's 6 x 500002 x 1024 table
+a dense fp32 copy is 12 GB): ``sorted`` sums each row in fp32 registers and stores it once in the
+gradient's dtype; ``atomic`` adds into the gradient itself, which needs fp32, so for a bf16/fp16
+table (FSDP's mixed precision) it sums like ``sorted`` instead of atomics on a dense fp32 buffer.
+``benchmarks/hash_memory.py`` measures the backward peak against the PyTorch reference.
 """
 
 from __future__ import annotations
@@ -163,15 +169,14 @@ class _HashNgramEmbedding(torch.autograd.Function):
         num_positions, num_tables = rows.shape
         dim = ctx.weight_shape[1]
         block_d = _dim_block(dim)
-        if ctx.backward_mode == "atomic":
-            grad_weight = torch.zeros(ctx.weight_shape, dtype=torch.float32, device=grad_out.device)
+        grad_weight = torch.zeros(ctx.weight_shape, dtype=ctx.weight_dtype, device=grad_out.device)
+        if ctx.backward_mode == "atomic" and ctx.weight_dtype == torch.float32:
             grid = (triton.cdiv(num_positions, BLOCK_POSITIONS), triton.cdiv(dim, block_d))
             _hash_embedding_atomic_backward_kernel[grid](
                 grad_out, rows, grad_weight, num_positions, dim,
                 NUM_TABLES=num_tables, BLOCK_T=BLOCK_POSITIONS, BLOCK_D=block_d,
             )
         else:
-            grad_weight = torch.zeros(ctx.weight_shape, dtype=ctx.weight_dtype, device=grad_out.device)
             sorted_rows, order = torch.sort(rows.flatten())
             segment_rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
             segment_starts = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
@@ -181,7 +186,7 @@ class _HashNgramEmbedding(torch.autograd.Function):
                 grad_out, sorted_positions, segment_starts, segment_rows, grad_weight, dim,
                 BLOCK_E=16, BLOCK_D=block_d,
             )
-        return None, grad_weight.to(ctx.weight_dtype), None, None, None, None
+        return None, grad_weight, None, None, None, None
 
 
 def hash_ngram_embedding(

@@ -12,6 +12,7 @@ from test_model import make_tokens
 
 from bltdist import kernels
 from bltdist.config import ConfigError, load_config
+from bltdist.memtrack import PeakTensorMemory
 from bltdist.model import BLT, PatchLayout
 from bltdist.model import attention as reference
 from bltdist.model.hash_embedding import HashNgramEmbedding
@@ -50,6 +51,24 @@ def test_hash_embedding_kernel_matches_reference(dtype, backward_mode):
     assert out.dtype == dtype
     assert_matches(out, expected, dtype)
     assert_matches(fused_weight.grad, module.weight.grad, dtype)
+
+
+@pytest.mark.parametrize("backward_mode", ["atomic", "sorted"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hash_embedding_backward_holds_no_table_sized_buffer_beside_the_gradient(dtype, backward_mode):
+    """The backward's tensors at their peak: the table's gradient plus position-sized scratch,
+    never a dense fp32 copy of the table (for blt_1b's table that copy alone is 12 GB)."""
+    tokens = make_tokens(1, 64, docs_at=(30,)).to(DEVICE)
+    weight = torch.randn(6 * 20011, 32, device=DEVICE).to(dtype).requires_grad_()
+    out = hash_ngram_embedding(tokens, weight, [3, 4, 5, 6, 7, 8], 1, 20011, backward_mode)
+    grad_out = torch.randn_like(out)
+    with PeakTensorMemory() as tracker:
+        out.backward(grad_out)
+    gradient_bytes = weight.numel() * weight.element_size()
+    # Scratch: sorted rows, order, segments (int64 per (position, table)) and fp32 positions' grads.
+    scratch_bytes = 8 * 6 * tokens.numel() * 8 + out.numel() * 4
+    assert gradient_bytes <= tracker.peak_bytes <= gradient_bytes + scratch_bytes
+    assert weight.grad.dtype == dtype
 
 
 def test_hash_embedding_kernel_reuses_primes_and_keeps_the_table_order_of_unsorted_sizes():

@@ -4,11 +4,13 @@ Self-attention is causal, optionally limited to a sliding window, and never cros
 boundary. A mask is *described* (document ids + window) and each backend turns the description
 into what it needs, so no dense (bytes x bytes) mask is ever built at real sizes:
 
-- ``flash``: flash-attn's varlen kernel (CUDA, when the package is installed); documents become
-  separate sequences and the window becomes ``window_size``.
-- ``flex``: FlexAttention with a block-sparse mask (CUDA default without flash-attn).
-- ``sdpa``: PyTorch SDPA over query blocks, each against only the keys it can see; the block masks
-  are at most (block x (block + window)) and are built once per forward (CPU default).
+- ``flash``: flash-attn's varlen kernel (CUDA, when the package is installed, bf16/fp16 inputs);
+  documents become separate sequences and the window becomes ``window_size``.
+- ``flex``: compiled FlexAttention with a block-sparse mask (CUDA default without flash-attn or for
+  fp32; on CPU forward only: torch has no FlexAttention backward there).
+- ``sdpa``: PyTorch SDPA over query blocks, each against the window of keys it can see, all in
+  one call; the block masks are (block x (block + window - 1)) and are built once per forward
+  (CPU default). Without a window it is one block: a (T x T) mask, for the CPU's short sequences.
 
 Byte-patch cross-attention has a fixed structure (a patch's slots see only its own bytes; a byte
 sees only the slots of one patch), so it is computed with gathers and segment reductions in
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -27,6 +30,14 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "sdpa", "flex", "flash")
+# flash-attn computes only in half precision; anything else (the fp32 entropy model) goes elsewhere.
+FLASH_DTYPES = (torch.bfloat16, torch.float16)
+# Compiled FlexAttention graphs are specialised to one shape (dynamic shapes do not compile on CPU
+# in torch 2.13). The trainer buckets patch counts, so a run meets a few shapes; this many may
+# compile before dynamo gives up and runs the slow eager reference.
+FLEX_SHAPE_LIMIT = 64
+
+logger = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -34,17 +45,54 @@ def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def resolve_backend(requested: str, device: torch.device) -> str:
-    """The backend that will run: ``auto`` picks flash, then flex on CUDA, and sdpa on CPU."""
+def check_backend(requested: str, device: torch.device) -> str:
+    """``requested`` if it can run on ``device``, else a ValueError naming ``model.attention_backend``."""
     if requested not in BACKENDS:
-        raise ValueError(f"unknown attention backend {requested!r}; choose one of {BACKENDS}")
+        raise ValueError(f"model.attention_backend: unknown backend {requested!r}; choose one of {BACKENDS}")
+    if requested == "flash" and not (device.type == "cuda" and flash_attn_available()):
+        raise ValueError("model.attention_backend 'flash' needs CUDA and `pip install flash-attn`")
+    return requested
+
+
+def resolve_backend(
+    requested: str, device: torch.device, dtype: torch.dtype = torch.float32, needs_grad: bool = False
+) -> str:
+    """The backend that runs one attention call on ``device`` with inputs of ``dtype``.
+
+    ``auto``: flash-attn for half precision on CUDA when installed, else FlexAttention on CUDA,
+    SDPA on CPU. A requested backend that cannot take the call falls back: flash to flex for fp32
+    inputs, flex to sdpa on CPU when a gradient is needed (torch has no FlexAttention backward on
+    CPU). The choice and every fallback are logged once per process.
+    """
+    check_backend(requested, device)
+    chosen = requested
     if requested == "auto":
         if device.type != "cuda":
-            return "sdpa"
-        return "flash" if flash_attn_available() else "flex"
-    if requested == "flash" and not (device.type == "cuda" and flash_attn_available()):
-        raise ValueError("attention backend 'flash' needs CUDA and `pip install flash-attn`")
-    return requested
+            chosen = "sdpa"
+        else:
+            chosen = "flash" if flash_attn_available() and dtype in FLASH_DTYPES else "flex"
+    elif requested == "flash" and dtype not in FLASH_DTYPES:
+        chosen = "flex"
+    elif requested == "flex" and device.type == "cpu" and needs_grad:
+        chosen = "sdpa"
+    # Logging inside a compiled region would break its graph, so there only eager calls log (the
+    # online entropy model, validation outside compiled blocks).
+    if not torch.compiler.is_compiling():
+        inputs = f"{str(dtype).removeprefix('torch.')} {device.type} inputs"
+        if requested in ("auto", chosen):
+            _log_once(logging.INFO, f"attention backend {chosen} (requested {requested}) for {inputs}")
+        elif requested == "flash":
+            _log_once(logging.WARNING, f"attention backend flash falls back to {chosen} for {inputs}: "
+                                       "flash-attn computes only in bf16/fp16")  # fmt: skip
+        else:
+            _log_once(logging.WARNING, f"attention backend flex falls back to {chosen} for {inputs} needing a "
+                                       "gradient: torch has no FlexAttention backward on CPU")  # fmt: skip
+    return chosen
+
+
+@functools.cache
+def _log_once(level: int, message: str) -> None:
+    logger.log(level, message)
 
 
 class AttentionMask(Protocol):
@@ -62,7 +110,7 @@ class SelfAttentionMask:
 
     doc_ids: torch.Tensor  # (B, T) int64, equal ids = same document
     window: int | None  # a query at t sees keys t - window < s <= t; None = all earlier keys
-    backend: str
+    backend: str  # as requested (BACKENDS); resolved per call, since the choice depends on the inputs' dtype
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -70,9 +118,11 @@ class SelfAttentionMask:
         return self.doc_ids.shape[1]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if self.backend == "flash":
+        needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+        backend = resolve_backend(self.backend, q.device, q.dtype, needs_grad)
+        if backend == "flash":
             return _flash_attention(q, k, v, self)
-        if self.backend == "flex":
+        if backend == "flex":
             return _flex_attention(q, k, v, self)
         return _blocked_sdpa(q, k, v, self)
 
@@ -86,40 +136,56 @@ class SelfAttentionMask:
         return (same_doc & allowed).unsqueeze(1)
 
 
-def _query_blocks(mask: SelfAttentionMask, device: torch.device) -> list[tuple[int, int, int, torch.Tensor]]:
-    """(q_start, q_end, k_start, visibility) per query block, built once per forward.
+def _key_windows(mask: SelfAttentionMask, device: torch.device) -> tuple[int, int, torch.Tensor]:
+    """(block, keys, visibility (B, blocks, block, keys)), built once per forward.
 
-    Small query blocks keep the keys each block scans close to what it can see: with a window W
-    a block of C queries scans C + W - 1 keys instead of the whole prefix.
+    Query block i (positions [i * block, (i + 1) * block)) is attended against the ``keys``
+    positions that end at its last query: with a window W a block of C queries scans C + W - 1
+    keys instead of the whole prefix; without a window one block covers the sequence. Positions
+    before 0 and after the end are padding; a padding query sees only itself (no row is empty).
     """
-    if "blocks" not in mask._cache:
-        seq_len = mask.seq_len
-        block = min(seq_len, 128 if mask.window is not None else 256)
-        blocks = []
-        for q_start in range(0, seq_len, block):
-            q_end = min(q_start + block, seq_len)
-            k_start = 0 if mask.window is None else max(0, q_start - mask.window + 1)
-            q_pos = torch.arange(q_start, q_end, device=device)
-            k_pos = torch.arange(k_start, q_end, device=device)
-            blocks.append((q_start, q_end, k_start, mask.visible(q_pos, k_pos)))
-        mask._cache["blocks"] = blocks
-    return mask._cache["blocks"]
+    if "windows" not in mask._cache:
+        seq_len, window = mask.seq_len, mask.window
+        block = seq_len if window is None else min(seq_len, 128)
+        keys = seq_len if window is None else block + window - 1
+        blocks = -(-seq_len // block)
+        left = keys - block
+        q_pos = torch.arange(blocks * block, device=device).view(blocks, block)
+        k_pos = q_pos[:, -1:] - keys + 1 + torch.arange(keys, device=device)  # (blocks, keys)
+        docs = F.pad(mask.doc_ids, (left, blocks * block - seq_len), value=-1)
+        same_doc = docs[:, q_pos + left, None] == docs[:, k_pos + left][:, :, None, :]  # (B, blocks, block, keys)
+        delta = q_pos[:, :, None] - k_pos[:, None, :]
+        allowed = (delta >= 0) & (k_pos >= 0)[:, None, :]
+        if window is not None:
+            allowed = allowed & (delta < window)
+        mask._cache["windows"] = (block, keys, same_doc & allowed)
+    return mask._cache["windows"]
 
 
 def _blocked_sdpa(q, k, v, mask: SelfAttentionMask) -> torch.Tensor:
-    groups = q.shape[2] // k.shape[2]
-    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, T, D)
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-    outputs = []
-    for q_start, q_end, k_start, visible in _query_blocks(mask, q.device):
-        outputs.append(
-            F.scaled_dot_product_attention(
-                q[:, :, q_start:q_end], k[:, :, k_start:q_end], v[:, :, k_start:q_end], attn_mask=visible
-            )
-        )
-    return torch.cat(outputs, dim=2).transpose(1, 2)
+    """All query blocks in one SDPA call, each against its key window taken by ``unfold``: one
+    batched kernel, and a backward that adds each window's gradient into k and v in one pass
+    (slicing per block would allocate and add a whole-sequence gradient per block)."""
+    batch, seq_len, heads = q.shape[:3]
+    block, keys, visible = _key_windows(mask, q.device)
+    blocks = visible.shape[1]
+    right = blocks * block - seq_len
+    q = F.pad(q, (0, 0, 0, 0, 0, right)).unflatten(1, (blocks, block))  # (B, blocks, block, H, D)
+    q = q.permute(0, 1, 3, 2, 4).flatten(0, 1)  # (B * blocks, H, block, D)
+
+    def windows(x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, (0, 0, 0, 0, keys - block, right)).unfold(1, keys, block)  # (B, blocks, Hkv, D, keys)
+        x = x.permute(0, 1, 2, 4, 3).flatten(0, 1)  # (B * blocks, Hkv, keys, D)
+        return x.repeat_interleave(heads // x.shape[1], dim=1) if x.shape[1] != heads else x
+
+    if ("additive", q.dtype) not in mask._cache:
+        # SDPA turns a boolean mask into this one at every call, forward and backward; once per forward is enough.
+        additive = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, -math.inf)
+        mask._cache["additive", q.dtype] = additive.flatten(0, 1)[:, None]
+    attn_mask = mask._cache["additive", q.dtype]
+    out = F.scaled_dot_product_attention(q, windows(k), windows(v), attn_mask=attn_mask)
+    out = out.unflatten(0, (batch, blocks)).permute(0, 1, 3, 2, 4).flatten(1, 2)  # (B, blocks * block, H, D)
+    return out[:, :seq_len]
 
 
 def _flex_attention(q, k, v, mask: SelfAttentionMask) -> torch.Tensor:
@@ -138,25 +204,33 @@ def _flex_attention(q, k, v, mask: SelfAttentionMask) -> torch.Tensor:
         mask._cache["block_mask"] = create_block_mask(
             visible, batch, None, seq_len, seq_len, device=str(doc_ids.device)
         )
-    groups = q.shape[2] // k.shape[2]
-    out = _compiled_flex()(
+    out = _run_flex(
         q.transpose(1, 2),
         k.transpose(1, 2),
         v.transpose(1, 2),
         block_mask=mask._cache["block_mask"],
-        enable_gqa=groups > 1,
+        enable_gqa=q.shape[2] != k.shape[2],
     )
     return out.transpose(1, 2)
+
+
+def _run_flex(q, k, v, **kwargs) -> torch.Tensor:
+    """FlexAttention compiled (it is only fused, and only memory-light, when compiled). Inside a
+    compiled region it is traced into the caller's graph; otherwise its own compiled graphs, one
+    per shape, may number up to FLEX_SHAPE_LIMIT instead of dynamo's default of 8."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if torch.compiler.is_compiling():
+        return flex_attention(q, k, v, **kwargs)
+    with torch._dynamo.config.patch(recompile_limit=FLEX_SHAPE_LIMIT):
+        return _compiled_flex()(q, k, v, **kwargs)
 
 
 @functools.cache
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    # FlexAttention is only fast when compiled; on CPU (tests) it runs its eager reference.
-    if torch.cuda.is_available():
-        return torch.compile(flex_attention, dynamic=False)
-    return flex_attention
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def _flash_attention(q, k, v, mask: SelfAttentionMask) -> torch.Tensor:

@@ -41,9 +41,12 @@ def rotary_table(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[
 def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Rotate adjacent channel pairs (2i, 2i+1) of x: (B, T, H, D), the BLT reference convention."""
     cos, sin = (t.unsqueeze(-2).to(x.dtype) for t in rope)  # broadcast over heads
-    pairs = x.unflatten(-1, (-1, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+    # (even, odd) -> (even cos - odd sin, odd cos + even sin), bit for bit, as whole-width
+    # products with the pair-swapped x: elementwise ops on the strided even/odd halves are not
+    # vectorised, and stacking them costs a copy and a zero-filled gradient per half.
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    signed_sin = torch.stack((-sin, sin), dim=-1).flatten(-2)
+    return x * cos.repeat_interleave(2, dim=-1) + swapped * signed_sin
 
 
 class SelfAttention(nn.Module):
