@@ -86,14 +86,26 @@ def patch_lengths(starts: torch.Tensor) -> torch.Tensor:
     return lengths.scatter_add_(1, ids, torch.ones_like(ids))
 
 
-def pad_patch_lengths(lengths: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Right-pads (B, P) patch lengths with zero-length patches to a multiple of ``multiple``.
+def pad_patch_lengths(lengths: torch.Tensor, multiple: int, bucketed: bool = False) -> torch.Tensor:
+    """Right-pads (B, P) patch lengths with zero-length patches to a multiple of ``multiple``, or
+    with ``bucketed`` to ``patch_count_bucket(P, multiple)``.
 
     Zero-length patches hold no bytes: they pool nothing, no byte reads them in the decoder, and
     they form a document of their own in the global model, so real patches never see them. Parallel
     layouts pad so that patches split evenly (tp, 2 x cp) and pipeline shapes repeat (buckets)."""
-    missing = -lengths.shape[1] % multiple
+    count = lengths.shape[1]
+    missing = (patch_count_bucket(count, multiple) if bucketed else count + -count % multiple) - count
     return F.pad(lengths, (0, missing)) if missing else lengths
+
+
+def patch_count_bucket(count: int, multiple: int = 1) -> int:
+    """``count`` rounded up to three significant bits (..., 96, 112, 128, 160, 192, 224, 256, ...),
+    then to a multiple of ``multiple``: at most 25% padding, and three or four sizes per doubling.
+    Compiled graphs are specialised to the patch count, so these buckets bound how many a run
+    compiles whatever its patch counts."""
+    granularity = 1 << max(0, count.bit_length() - 3)
+    rounded = -(-count // granularity) * granularity
+    return -(-rounded // multiple) * multiple
 
 
 def patch_ids(starts: torch.Tensor) -> torch.Tensor:

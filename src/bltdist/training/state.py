@@ -17,8 +17,10 @@ import torch.distributed as dist
 from bltdist.config import Config, TrainConfig
 from bltdist.parallel import Meshes, ParallelDims
 from bltdist.patching.patcher import Patcher
+from bltdist.tokenizer import load_run_tokenizer
+from bltdist.training.entropy_training import EntropyTraining
 from bltdist.training.optim import build_optimizer, build_scheduler
-from bltdist.training.parallelize import build_model, parallelize
+from bltdist.training.parallelize import materialize, meta_model, parallelize
 from bltdist.training.step import Stepper
 
 
@@ -31,7 +33,7 @@ class TrainingState:
     parameter_count: int  # of the whole model
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    patcher: Patcher | None  # None for the entropy model, which has no patches
+    patcher: Patcher | None  # None for the plain LMs (entropy, bytelm, tokenlm), which have no patches
     stepper: Stepper
 
     @property
@@ -77,14 +79,19 @@ def build_training_state(cfg: Config, world_size: int | None = None) -> Training
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
         mesh = dims.build_mesh(device.type)
     bf16 = uses_bf16(cfg.train, device)
-    model = build_model(cfg.model, cfg.train.seed, cfg.checkpoint.init_from, device)
+    model = meta_model(cfg.model)
     parameter_count = sum(p.numel() for p in model.parameters())
     model_parts = parallelize(model, dims, mesh, cfg.train, bf16)
-    del model  # a pipeline rank keeps only its own stages
+    materialize(model_parts, model, cfg.train.seed, cfg.checkpoint.init_from, device)
+    del model  # a pipeline rank keeps only its own stages; the others' stay on the meta device
     optimizer = build_optimizer(model_parts, cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    patcher = Patcher(cfg.patching, device) if cfg.model.arch == "blt" else None
+    accum = dims.grad_accum_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size)
+    patcher = Patcher(cfg.patching, device, recent_batches=accum) if cfg.model.arch == "blt" else None
+    entropy_training = EntropyTraining(cfg, patcher, mesh, device) if patcher is not None else None
     # With FSDP, its mixed-precision policy casts parameters to bf16; autocast covers the rest.
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not dims.uses_fsdp)
-    stepper = Stepper(model_parts, dims, mesh, patcher, cfg.train, cfg.model.blt.local_window, autocast, device)
+    tokenizer = load_run_tokenizer(cfg) if cfg.model.arch == "tokenlm" else None
+    stepper = Stepper(model_parts, dims, mesh, patcher, cfg.train, cfg.model.blt.local_window, autocast, device,
+                      tokenizer, entropy_training)  # fmt: skip
     return TrainingState(device, dims, mesh, model_parts, parameter_count, optimizer, scheduler, patcher, stepper)
