@@ -21,11 +21,13 @@ setup(
         "torch>=2.11",
         "pyyaml",
         "safetensors",
+        "tokenizers",  # the BPE baseline's tokenizer (model.arch: tokenlm)
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
         "dev": ["pytest", "transformers>=5", "pyarrow", "matplotlib", "zstandard"],
         "parquet": ["pyarrow"],
+        "scaling": ["matplotlib"],  # python -m bltdist.scaling's plot
         "zstd": ["zstandard"],
         "flash": ["flash-attn"],
     },
@@ -37,6 +39,7 @@ setup(
             "bltdist-data=bltdist.data.cli:main",
             "bltdist-generate=bltdist.generate:main",
             "bltdist-evaluate=bltdist.evaluate:main",
+            "bltdist-scaling=bltdist.scaling:main",
         ]
     },
 )

@@ -16,11 +16,11 @@ LAYERS = [
     ("bltdist.patching.tokens", "bltdist.patching.rules", "bltdist.patching"),
     ("bltdist.model",),
     ("bltdist.kernels.", "bltdist.model_dir", "bltdist.metrics", "bltdist.data", "bltdist.patching.entropy",
-     "bltdist.patching.store", "bltdist.patching.patcher"),
+     "bltdist.patching.store", "bltdist.patching.patcher", "bltdist.tokenizer"),
     ("bltdist.parallel",),
     ("bltdist.training",),
     ("bltdist.train", "bltdist.plan", "bltdist.convert", "bltdist.patch", "bltdist.patching.cli", "bltdist.generate",
-     "bltdist.evaluate", "bltdist"),
+     "bltdist.evaluate", "bltdist.scaling", "bltdist"),
 ]  # fmt: skip
 
 

@@ -52,6 +52,19 @@ def section(cls: type) -> Any:
 
 
 @dataclasses.dataclass
+class SuperPatchConfig:
+    """Patches of patches: a second latent level between the patches and the global transformer."""
+
+    enabled: bool = setting(False, "group patches into super-patches; false = the one-level BLT, unchanged")
+    patches_per_super_patch: int = setting(
+        4, "patches per super-patch, counted from each document start (as static patching counts bytes)", ge=1
+    )
+    encoder_layers: int = setting(1, "patch-level encoder layers (global_dim) before pooling into super-patches", ge=1)
+    decoder_layers: int = setting(1, "patch-level decoder layers (global_dim) after the super-patch transformer", ge=1)
+    cross_attn_k: int = setting(1, "query slots per super-patch; k * global_dim != global_dim adds a projection", ge=1)
+
+
+@dataclasses.dataclass
 class BLTConfig:
     """Byte Latent Transformer shape (defaults: a small model)."""
 
@@ -91,11 +104,13 @@ class BLTConfig:
         "torch = the PyTorch reference",
         choices=("auto", "triton", "torch"),
     )
+    super_patch: SuperPatchConfig = section(SuperPatchConfig)
 
 
 @dataclasses.dataclass
 class EntropyModelConfig:
-    """Entropy model: a plain byte language model whose next-byte entropy places patch boundaries."""
+    """Plain Llama-style transformer: the entropy model (whose next-byte entropy places patch boundaries),
+    and the shape of the bytelm and tokenlm baselines (positions are bytes, or BPE tokens for tokenlm)."""
 
     vocab_size: int = setting(260, "byte ids: 256 bytes shifted by 4 special ids", ge=260)
     dim: int = setting(768, "model width", ge=1)
@@ -110,12 +125,41 @@ class EntropyModelConfig:
 
 
 @dataclasses.dataclass
-class ModelConfig:
-    """Which model to train, and the shapes of both kinds."""
+class TokenLMConfig:
+    """The BPE baseline's tokenizer (its transformer's shape is model.entropy)."""
 
-    arch: str = setting("blt", "blt, or entropy to train the entropy model", choices=("blt", "entropy"))
+    vocab_size: int = setting(4096, "byte-level BPE vocabulary: 256 single bytes plus merges", ge=257)
+    sample_bytes: int = setting(
+        16_000_000, "training-split bytes (documents in order, whole ones) the tokenizer is trained on", ge=1
+    )
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Which model to train, and the shapes of every kind."""
+
+    arch: str = setting(
+        "blt",
+        "blt; entropy (the entropy model) or bytelm (the same byte transformer as a baseline); tokenlm (that "
+        "transformer over byte-level BPE tokens, a baseline)",
+        choices=("blt", "entropy", "bytelm", "tokenlm"),
+    )
     blt: BLTConfig = section(BLTConfig)
     entropy: EntropyModelConfig = section(EntropyModelConfig)
+    tokenlm: TokenLMConfig = section(TokenLMConfig)
+    attention_backend: str = setting(
+        "auto",
+        "self-attention: auto = flash-attn for bf16/fp16 on CUDA when installed, else FlexAttention on CUDA, "
+        "SDPA on CPU; flash and flex fall back per call where they cannot run (fp32; CPU backward), logged once",
+        choices=("auto", "flash", "flex", "sdpa"),
+    )
+
+    def plain_lm(self) -> EntropyModelConfig:
+        """The shape of the plain transformer of arch entropy, bytelm or tokenlm: model.entropy, whose
+        vocabulary is, for tokenlm, the BPE vocabulary after the 4 special ids (BOE, BOS, EOS, reserved)."""
+        if self.arch == "tokenlm":
+            return dataclasses.replace(self.entropy, vocab_size=self.tokenlm.vocab_size + 4)
+        return self.entropy
 
 
 @dataclasses.dataclass
@@ -131,6 +175,21 @@ class PatchingConfig:
     entropies: str | None = setting(
         None, "entropy mode: output of `python -m bltdist.patch precompute`; null = run the entropy model online"
     )
+    target_patch_size: float | None = setting(
+        None,
+        "entropy mode: recalibrate the threshold during training (after step 1 and every recalibrate_interval "
+        "steps, from that step's global batch, the same on every rank) so that patches average this many bytes; "
+        "null = keep patching.threshold",
+        gt=1,
+    )
+    recalibrate_interval: int = setting(50, "with target_patch_size: steps between recalibrations", ge=1)
+    entropy_model_training: str = setting(
+        "frozen",
+        "entropy mode: frozen = the entropy model as loaded; joint = it trains alongside the BLT on the same "
+        "batches with its own AdamW (optim.* settings, patching.entropy_lr) and places the boundaries as it learns",
+        choices=("frozen", "joint"),
+    )
+    entropy_lr: float | None = setting(None, "joint: the entropy model's peak learning rate; null = optim.lr", gt=0)
 
 
 @dataclasses.dataclass
@@ -154,6 +213,9 @@ class DataConfig:
     )
     text_field: str = setting("text", "JSONL / Parquet column holding the text")
     val_fraction: float = setting(0.02, "share of documents held out for validation", ge=0, lt=1)
+    prefetch: int = setting(
+        2, "training batches prepared ahead on a background thread while a step runs; 0 = on the training thread", ge=0
+    )
 
 
 @dataclasses.dataclass
@@ -609,6 +671,7 @@ def _combination_problems(values: dict[str, Any]) -> list[str]:
             "entropy model (train one with model.arch: entropy, e.g. configs/entropy_tiny.yaml)"
         )
 
+    problems += _entropy_training_problems(values)
     problems += _data_source_problems(values.get("data.sources"), values.get("data.path"))
     problems += _eval_set_problems(values.get("eval.sets") or [])
     if values.get("eval.sets") and values.get("patching.mode") == "entropy" and values.get("patching.entropies"):
@@ -618,6 +681,22 @@ def _combination_problems(values: dict[str, Any]) -> list[str]:
     dp_shard = values.get("parallel.dp_shard")
     if dp_shard is not None and dp_shard != -1 and dp_shard < 1:
         problems.append(f"parallel.dp_shard: must be >= 1, or -1 for the rest of the world size, got {dp_shard}")
+    return problems
+
+
+def _entropy_training_problems(values: dict[str, Any]) -> list[str]:
+    """A patch size held at its target and joint training both need entropy patching; joint
+    training computes entropies as the model learns, so none can be stored."""
+    problems = []
+    entropy_mode = values.get("patching.mode") == "entropy"
+    if values.get("patching.target_patch_size") is not None and not entropy_mode:
+        problems.append("patching.target_patch_size: needs patching.mode entropy (other modes have no threshold)")
+    if values.get("patching.entropy_model_training") == "joint":
+        if not entropy_mode:
+            problems.append("patching.entropy_model_training: joint needs patching.mode entropy")
+        if values.get("patching.entropies") is not None:
+            problems.append("patching.entropies: precomputed entropies go stale when the entropy model trains "
+                            "(entropy_model_training joint); set patching.entropies to null")  # fmt: skip
     return problems
 
 

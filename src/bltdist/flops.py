@@ -11,6 +11,10 @@ scores count QK^T and AV over the whole visible context with no causal halving
 - patch-to-slot projections and the global transformer count once per patch, so / a; the
   global context is seq_len / a patches;
 - the output head 2 x local_dim x vocab.
+
+The byte LM (arch entropy, bytelm) counts per byte like a local layer with its own window; the
+BPE LM (tokenlm) counts the same per token, over a context of seq_len / (bytes per token) tokens,
+and divides by the bytes per token it measured: FLOPs per byte for every model.
 """
 
 from __future__ import annotations
@@ -58,9 +62,29 @@ def blt_forward_flops_per_byte(cfg: BLTConfig, seq_len: int, avg_patch_len: floa
     )
     global_context = seq_len / a
     global_model = (2 * global_params + 4 * global_context * cfg.global_dim * cfg.global_layers) / a
+    if cfg.super_patch.enabled:
+        global_model = (2 * global_in + super_patch_forward_flops_per_patch(cfg, global_context)) / a
 
     head = 2 * d * cfg.vocab_size
     return encoder + decoder + encoder_cross + decoder_cross + slot_projections + global_model + head
+
+
+def super_patch_forward_flops_per_patch(cfg: BLTConfig, patch_context: float) -> float:
+    """The two-level global model (model.blt.super_patch) per patch, by the byte level's rules one
+    level up: patch-level layers and cross-attention per patch or per slot, with n =
+    patches_per_super_patch patches per super-patch (fewer where documents start), and the
+    super-patch transformer per super-patch (/ n), over a context of patch_context / n."""
+    g, sp = cfg.global_dim, cfg.super_patch
+    n, slots = sp.patches_per_super_patch, sp.cross_attn_k
+    kv_dim = (cfg.global_kv_heads or cfg.global_heads) * (g // cfg.global_heads)
+    block = 2 * _block_params(g, cfg.global_heads, cfg.global_kv_heads, cfg.global_ffn_dim)
+    patch_layers = (sp.encoder_layers + sp.decoder_layers) * (block + 4 * patch_context * g)
+    encoder_cross = 2 * 2 * g * kv_dim + 2 * 2 * g * g * slots / n + 4 * g * slots
+    decoder_cross = 2 * 2 * g * g + 2 * 2 * g * kv_dim * slots / n + 4 * g * slots
+    slot_projections = 2 * 2 * g * slots * g / n
+    super_in = 2 * slots * g * g / n if slots != 1 else 0
+    super_layers = cfg.global_layers * (block + 4 * patch_context / n * g) / n
+    return patch_layers + encoder_cross + decoder_cross + slot_projections + super_in + super_layers
 
 
 def byte_lm_forward_flops_per_byte(cfg: EntropyModelConfig, seq_len: int) -> float:
@@ -69,10 +93,19 @@ def byte_lm_forward_flops_per_byte(cfg: EntropyModelConfig, seq_len: int) -> flo
     return cfg.layers * per_layer + 2 * cfg.dim * cfg.vocab_size
 
 
+def token_lm_forward_flops_per_byte(cfg: EntropyModelConfig, seq_len: int, bytes_per_token: float) -> float:
+    """The plain transformer over tokens of ``bytes_per_token`` bytes on average: per token as over
+    bytes, with a context of seq_len / bytes_per_token tokens, then / bytes_per_token."""
+    return byte_lm_forward_flops_per_byte(cfg, max(1, round(seq_len / bytes_per_token))) / bytes_per_token
+
+
 def training_flops_per_byte(model_cfg, seq_len: int, avg_patch_len: float) -> float:
-    """3 x forward FLOPs per byte for ``model_cfg`` (a ModelConfig with arch blt or entropy)."""
-    if model_cfg.arch == "entropy":
+    """3 x forward FLOPs per byte for ``model_cfg`` (a ModelConfig of any arch). ``avg_patch_len``:
+    bytes per patch for blt, bytes per BPE token for tokenlm (its tokens are its patches)."""
+    if model_cfg.arch in ("entropy", "bytelm"):
         return 3 * byte_lm_forward_flops_per_byte(model_cfg.entropy, seq_len)
+    if model_cfg.arch == "tokenlm":
+        return 3 * token_lm_forward_flops_per_byte(model_cfg.plain_lm(), seq_len, avg_patch_len)
     return 3 * blt_forward_flops_per_byte(model_cfg.blt, seq_len, avg_patch_len)
 
 

@@ -34,6 +34,23 @@ def peak_memory_gb(device: torch.device) -> float:
     return kilobytes / 1e6
 
 
+class RecompilationCounter:
+    """Counts torch.compile recompilations in this process from the moment it is made: compilations
+    of a function that was compiled before (its guards failed: a new shape, grad mode or state).
+    ``summary.json`` reports rank 0's count as ``recompilations``."""
+
+    def __init__(self):
+        self.count = 0
+        torch._dynamo.callback_handler.register_start_callback(self._on_compile_start)
+
+    def _on_compile_start(self, args) -> None:
+        # Dynamo's compile ids read "frame/n", n counting the compilations of that frame from 0;
+        # compiled-autograd ids start with "!" and are not recompilations of a frame.
+        frame, _, attempt = str(args.compile_id).partition("/")
+        if not frame.startswith("!") and int(attempt.split("_")[0]) > 0:
+            self.count += 1
+
+
 def _format_duration(seconds: float) -> str:
     seconds = int(seconds)
     hours, rest = divmod(seconds, 3600)

@@ -7,6 +7,7 @@ before any process group starts; such problems print one message and exit with c
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -24,6 +25,7 @@ from bltdist.evaluate import DEFAULT_SEED, NOISE_KINDS, noised_documents
 from bltdist.flops import peak_tflops, training_flops_per_byte
 from bltdist.metrics import (
     MetricsLogger,
+    RecompilationCounter,
     StepProfiler,
     StepTimer,
     build_sinks,
@@ -37,6 +39,7 @@ from bltdist.metrics import (
 )
 from bltdist.model_dir import check_model_dir
 from bltdist.parallel import ParallelDims
+from bltdist.tokenizer import prepare_run_tokenizer
 from bltdist.training.checkpoint import Checkpointer, check_resumable, consolidate
 from bltdist.training.parallelize import meta_model
 from bltdist.training.state import TrainingState, build_training_state, training_device
@@ -61,10 +64,11 @@ class Trainer:
         self.logger = MetricsLogger(self.output_dir, cfg.train.steps, self.is_main, sinks)
         self.timer = StepTimer(state.device)
         self.profiler = StepProfiler(cfg.logging.profile_steps, self.output_dir, state.rank, state.device)
-        self.loader = data_loader(train_docs, cfg, state, shuffle=True)
+        self.loader = data_loader(train_docs, cfg, state, shuffle=True, prefetch=cfg.data.prefetch)
         self.accum = dims.grad_accum_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size)
         self.meter = Throughput(cfg, state, peak_tflops(device_name(state.device), cfg.logging.peak_tflops))
         self.guard, self.step = NonFiniteGuard(cfg.train), 0
+        self.recompilations = RecompilationCounter()
         self.logger.info(
             f"bltdist: {cfg.model.arch} model, {state.parameter_count / 1e6:.2f}M parameters, {dims.world_size} "
             f"process(es) on {state.device.type} ({dims}), global batch {cfg.train.global_batch_size} x "
@@ -89,6 +93,8 @@ class Trainer:
             peak_tflops=self.meter.peak,
         )  # fmt: skip
         summary["data"] = self.loader.consumed()
+        summary["recompilations"] = self.recompilations.count
+        summary.update(self.meter.training_flops(self.step))
         if self.is_main:
             self.logger.info(format_summary(summary))
             self.logger.info(f"summary written: {write_summary(summary, self.output_dir)}")
@@ -97,7 +103,8 @@ class Trainer:
     def train(self) -> bool:
         """The training loop; True when a preemption signal stopped it (after a checkpoint)."""
         cfg, state, timer = self.cfg, self.state, self.timer
-        start_step = self.checkpointer.restore(state.model_parts, state.optimizer, state.scheduler, self.loader)
+        start_step = self.checkpointer.restore(state.model_parts, state.optimizer, state.scheduler, self.loader,
+                                               state.stepper.entropy_training)  # fmt: skip
         if start_step:
             if self.checkpointer.resume_note:
                 self.logger.info(self.checkpointer.resume_note)
@@ -123,7 +130,11 @@ class Trainer:
             self.meter.add(loss_sum if applied else None, patches)
             if self.step % cfg.logging.interval == 0 or self.step == cfg.train.steps:
                 record = self.meter.record(self.step, grad_norm, lr, self.guard.skipped)
+                if state.stepper.entropy_training is not None:
+                    record.update(state.stepper.entropy_training.record())
                 self.logger.train_line(record, (time.perf_counter() - run_start) / (self.step - start_step))
+            if state.stepper.entropy_training is not None:  # after the line: it logs the threshold the step used
+                state.stepper.entropy_training.after_step(self.step)
             if cfg.train.val_interval and self.step % cfg.train.val_interval == 0 and self.step != cfg.train.steps:
                 self.validate(self.step)
             if self.checkpointer.after_step(self.step):
@@ -151,6 +162,7 @@ class Trainer:
         return record
 
     def close(self) -> None:
+        self.loader.close()
         self.checkpointer.close()
         self.logger.close()
         self.state.close()
@@ -161,8 +173,10 @@ class Throughput:
 
     def __init__(self, cfg: Config, state: TrainingState, peak: float | None):
         self.cfg, self.reporter, self.peak = cfg, Reporter(state.mesh, state.device), peak
-        self.world_size, self.counts_patches = state.dims.world_size, state.patcher is not None
-        self.device = state.device
+        # tokenlm counts its BPE tokens as patches: avg_patch_len is then its bytes per token.
+        self.counts_patches = state.patcher is not None or cfg.model.arch == "tokenlm"
+        self.world_size, self.device = state.dims.world_size, state.device
+        self.flops_total, self.bytes_total = 0.0, 0  # over every logged interval of this process
         self._reset()
 
     def _reset(self) -> None:
@@ -183,6 +197,8 @@ class Throughput:
         avg_patch_len = bytes_total / patches_total if self.counts_patches else None
         flops_per_byte = training_flops_per_byte(self.cfg.model, self.cfg.train.seq_len, avg_patch_len or 1.0)
         tflops = flops_per_byte * bytes_total / elapsed / self.world_size / 1e12
+        self.flops_total += flops_per_byte * bytes_total
+        self.bytes_total += bytes_total
         self._reset()
         return {
             "step": step,
@@ -200,10 +216,21 @@ class Throughput:
         }
 
 
-def data_loader(sources: list[MixtureSource], cfg: Config, state: TrainingState, shuffle: bool) -> PackedByteLoader:
-    """This data-parallel rank's loader; it serves entropies too when patching needs them."""
+    def training_flops(self, steps: int) -> dict:
+        """Summary figures: training FLOPs per byte (the mean of the logged intervals) and over the run's
+        ``steps`` steps (steps resumed from a checkpoint counted at that mean)."""
+        train_bytes = steps * self.cfg.train.global_batch_size * self.cfg.train.seq_len
+        per_byte = self.flops_total / self.bytes_total if self.bytes_total else None
+        return {"train_bytes": train_bytes, "train_flops_per_byte": per_byte,
+                "train_flops": per_byte * train_bytes if per_byte is not None else None}  # fmt: skip
+
+
+def data_loader(sources: list[MixtureSource], cfg: Config, state: TrainingState, shuffle: bool,
+                prefetch: int = 0) -> PackedByteLoader:  # fmt: skip
+    """This data-parallel rank's loader; it serves entropies too when patching needs them, and
+    prepares ``prefetch`` batches ahead on a background thread."""
     loader = PackedByteLoader(sources, cfg.train.seq_len, cfg.train.micro_batch_size, state.dp_rank, state.dims.dp,
-                              cfg.train.seed, shuffle=shuffle)  # fmt: skip
+                              cfg.train.seed, shuffle=shuffle, prefetch=prefetch)  # fmt: skip
     loader.entropy_source = state.patcher.entropy_source(loader.documents) if state.patcher else None
     return loader
 
@@ -271,11 +298,18 @@ def check_before_start(cfg: Config, world_size: int) -> None:
 @record
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    # bltdist's library lines (which attention backend runs, its fallbacks) go to stderr: the
+    # choices from rank 0, warnings from every rank.
+    library_logger = logging.getLogger("bltdist")
+    library_logger.addHandler(logging.StreamHandler(sys.stderr))
+    library_logger.setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
     started = False
     try:
         cfg = load_config(*parse_args(argv))
         check_before_start(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         train_docs, val_docs = build_sources(cfg.data)
+        if cfg.model.arch == "tokenlm":
+            prepare_run_tokenizer(cfg, train_docs)
         eval_sets = build_eval_sets(cfg)
         snapshot = cfg.logging.memory_snapshot_on_oom and training_device(cfg.train).type == "cuda"
         with memory_snapshot_on_oom(snapshot, Path(cfg.output_dir), int(os.environ.get("RANK", "0"))):

@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from bltdist.model.attention import SelfAttentionMask, resolve_backend
+from bltdist.model.attention import SelfAttentionMask, check_backend
 from bltdist.model.hash_embedding import HashNgramEmbedding
 from bltdist.model.layers import CrossAttention, RMSNorm, TransformerBlock, rotary_table
+from bltdist.model.super_patch import SuperPatchGlobal
 from bltdist.patching.tokens import document_ids
 
 if TYPE_CHECKING:
@@ -204,11 +205,16 @@ class LocalDecoder(nn.Module):
         return self.output(self.norm(h)).float()
 
 
-def init_weights(module: nn.Module, std: float) -> None:
-    """Initialise every parameter in place; call after ``to_empty`` on a meta-built model."""
-    for sub in module.modules():
+def init_weights(module: nn.Module, std: float, normal_=None) -> None:
+    """Initialise every parameter in place; call after ``to_empty`` on a meta-built model.
+    ``normal_(weight, std, name)`` draws the normal weights instead of torch's global generator (the
+    trainer's draws each weight's values by name, the same however the weight is sharded)."""
+    for name, sub in module.named_modules():
         if isinstance(sub, (nn.Linear, nn.Embedding, HashNgramEmbedding)):
-            nn.init.normal_(sub.weight, mean=0.0, std=std)
+            if normal_ is None:
+                nn.init.normal_(sub.weight, mean=0.0, std=std)
+            else:
+                normal_(sub.weight, std, f"{name}.weight")
         elif isinstance(sub, RMSNorm):
             sub.reset_parameters()
 
@@ -219,11 +225,12 @@ class BLT(nn.Module):
         self.cfg = cfg
         self.attention_backend = attention_backend
         self.encoder = LocalEncoder(cfg)
-        self.global_model = GlobalTransformer(cfg)
+        # Patches of patches (model.blt.super_patch): a two-level global model of the same interface.
+        self.global_model = SuperPatchGlobal(cfg) if cfg.super_patch.enabled else GlobalTransformer(cfg)
         self.decoder = LocalDecoder(cfg)
 
-    def init_weights(self) -> None:
-        init_weights(self, self.cfg.init_std)
+    def init_weights(self, normal_=None) -> None:
+        init_weights(self, self.cfg.init_std, normal_)
 
     def forward(
         self,
@@ -251,7 +258,7 @@ class BLT(nn.Module):
         return self.decoder(byte_states, patch_states, layout)
 
     def backend(self, device: torch.device) -> str:
-        return resolve_backend(self.attention_backend, device)
+        return check_backend(self.attention_backend, device)
 
 
 class ByteLM(nn.Module):
@@ -266,11 +273,11 @@ class ByteLM(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
-    def init_weights(self) -> None:
-        init_weights(self, self.cfg.init_std)
+    def init_weights(self, normal_=None) -> None:
+        init_weights(self, self.cfg.init_std, normal_)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        backend = resolve_backend(self.attention_backend, tokens.device)
+        backend = check_backend(self.attention_backend, tokens.device)
         mask = SelfAttentionMask(document_ids(tokens), self.cfg.window, backend)
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         rope = rotary_table(positions, self.cfg.dim // self.cfg.heads, self.cfg.rope_theta)

@@ -19,6 +19,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from bltdist.config import Config, ParallelConfig
 from bltdist.errors import ConfigError
 from bltdist.model.blt import default_ffn_dim
+from bltdist.model.super_patch import SUPER_PATCH_ROW_MULTIPLE
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 PIPELINE_SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "ZBVZeroBubble")
@@ -51,6 +52,7 @@ class ParallelDims:
             parallel.pp_schedule, parallel.pp_microbatches or cfg.train.micro_batch_size,
         )  # fmt: skip
         problems = dims._batch_problems(cfg) + dims._tp_problems(cfg) + dims._cp_problems(cfg) + dims._pp_problems(cfg)
+        problems += dims._super_patch_problems(cfg)
         if problems:
             raise ConfigError(problems)
         return dims
@@ -105,7 +107,7 @@ class ParallelDims:
         if self.tp == 1:
             return []
         if cfg.model.arch != "blt":
-            return ["parallel.tp: tensor parallelism is implemented for model.arch blt only; set parallel.tp: 1"]
+            return self._plain_lm_tp_problems(cfg)
         blt, problems = cfg.model.blt, []
         for key in ("global_heads", "global_kv_heads", "local_heads", "local_kv_heads"):
             heads = getattr(blt, key) or getattr(blt, key.replace("kv_", ""))
@@ -121,6 +123,35 @@ class ParallelDims:
                 problems.append(f"parallel.tp: {self.tp} must divide the FFN width model.blt.{key} ({width})")
         return problems
 
+    def _plain_lm_tp_problems(self, cfg: Config) -> list[str]:
+        shape, problems = cfg.model.entropy, []
+        for key in ("heads", "kv_heads"):
+            heads = getattr(shape, key) or shape.heads
+            if heads % self.tp:
+                problems.append(f"parallel.tp: {self.tp} must divide model.entropy.{key} ({heads}); each "
+                                "tensor-parallel rank holds whole attention heads")  # fmt: skip
+        width = shape.ffn_dim or default_ffn_dim(shape.dim)
+        if width % self.tp:
+            problems.append(f"parallel.tp: {self.tp} must divide the FFN width model.entropy.ffn_dim ({width})")
+        return problems
+
+    def _super_patch_problems(self, cfg: Config) -> list[str]:
+        """Patches of patches run under FSDP and TP; context and pipeline parallelism split the patch
+        sequence and the global layers, which the second level does not support."""
+        if cfg.model.arch != "blt" or not cfg.model.blt.super_patch.enabled:
+            return []
+        problems = [
+            f"parallel.{name}: model.blt.super_patch with {name} = {size} is not supported (only FSDP and tensor "
+            f"parallelism run a two-level BLT); set parallel.{name}: 1 or model.blt.super_patch.enabled: false"
+            for name, size in (("cp", self.cp), ("pp", self.pp)) if size > 1
+        ]  # fmt: skip
+        if self.tp > 1 and (self.tp & (self.tp - 1) or self.tp > SUPER_PATCH_ROW_MULTIPLE):
+            problems.append(
+                f"parallel.tp: model.blt.super_patch pads super-patches for tensor parallel degrees that are powers "
+                f"of two up to {SUPER_PATCH_ROW_MULTIPLE}, got {self.tp}"
+            )
+        return problems
+
     def _cp_problems(self, cfg: Config) -> list[str]:
         if self.cp == 1:
             return []
@@ -128,7 +159,7 @@ class ParallelDims:
         if cfg.model.arch != "blt":
             problems.append(
                 f"parallel.cp: context parallelism splits the BLT's patch sequence; model.arch {cfg.model.arch!r} "
-                "has no patches, set parallel.cp: 1"
+                "has no patches (it runs FSDP, HSDP and TP), set parallel.cp: 1"
             )
         if cfg.train.seq_len < 2 * self.cp:
             problems.append(
@@ -147,7 +178,7 @@ class ParallelDims:
         if cfg.model.arch != "blt":
             problems.append(
                 f"parallel.pp: pipeline parallelism splits the BLT global transformer, but model.arch is "
-                f"{cfg.model.arch!r}; set parallel.pp: 1"
+                f"{cfg.model.arch!r} (it runs FSDP, HSDP and TP); set parallel.pp: 1"
             )
         elif num_stages > cfg.model.blt.global_layers:
             problems.append(

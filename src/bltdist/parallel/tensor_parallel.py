@@ -71,12 +71,13 @@ def _cross_attention_plan() -> dict:
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
-    """Shard ``model`` (a BLT, or a pipeline part holding some of its submodules) over ``tp_mesh``."""
+    """Shard ``model`` (a BLT, a pipeline part holding some of its submodules, or a plain LM) over ``tp_mesh``."""
     for name, module in list(model.named_modules()):
         parent = name.split(".")[-2] if name.count(".") >= 1 else ""
         if name.split(".")[-1] == "global_model":
             _parallelize_global(module, tp_mesh)
-        elif parent == "layers" and ("encoder." in name or "decoder." in name):
+        elif parent == "layers" and ("encoder." in name or "decoder." in name or name.count(".") == 1):
+            # Local blocks, and the blocks of a plain LM (arch entropy, bytelm, tokenlm: layers.N).
             parallelize_module(module, tp_mesh, _replicated_stream_block_plan())
         elif parent == "cross_attn":
             parallelize_module(module, tp_mesh, _cross_attention_plan())

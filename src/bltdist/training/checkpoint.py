@@ -36,6 +36,7 @@ from bltdist.config import CheckpointConfig, config_from_dict
 from bltdist.errors import CheckpointSaveFailed, TrainingDiverged, UserError
 from bltdist.model_dir import save_weights_dir
 from bltdist.parallel.grads import clean_name
+from bltdist.training.entropy_training import ENTROPY_MODEL_DIR, write_entropy_model
 
 FORMAT = "bltdist-checkpoint"
 FORMAT_VERSION = 1
@@ -329,19 +330,26 @@ class Checkpointer:
         for sig in PREEMPTION_SIGNALS:
             signal.signal(sig, self._on_preemption_signal)
         self.state: tuple | None = None
+        self.entropy_training = None
 
     def _on_preemption_signal(self, signum, frame) -> None:
         self.preempted = True
 
-    def restore(self, model_parts: list[nn.Module], optimizer, scheduler, loader) -> int:
+    def restore(self, model_parts: list[nn.Module], optimizer, scheduler, loader, entropy_training=None) -> int:
         """Hands over the training state the checkpointer saves from now on, loads the checkpoint
-        to resume into it (if any) and returns the number of steps already done."""
+        to resume into it (if any) and returns the number of steps already done. ``entropy_training``
+        (``bltdist.training.entropy_training``): the threshold in use and a jointly trained entropy model."""
         self.state = (model_parts, optimizer, scheduler, loader)
+        self.entropy_training = entropy_training
         if self.resume_from is None:
             return 0
         metadata = self.resume_metadata
         _materialise_optimizer_state(optimizer)
         tensors = _tensor_state(model_parts, optimizer)
+        if entropy_training is not None:
+            if entropy_training.optimizer is not None:
+                _materialise_optimizer_state(entropy_training.optimizer)
+            tensors.update(entropy_training.checkpoint_tensors())
         dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(self.resume_from)),
                  process_group=self.group, no_dist=self.group is None)  # fmt: skip
         for part in model_parts:
@@ -354,6 +362,8 @@ class Checkpointer:
         if len(consumed) != 1:
             raise UserError(f"{self.resume_from / METADATA_FILE}: data-parallel ranks disagree on the data position")
         loader.load_state_dict(next(iter(metadata["data_loader"].values())))
+        if entropy_training is not None and "patching" in metadata:
+            entropy_training.restore(tensors, metadata["patching"])
         rng_states = metadata["rng"]
         _set_rng_state(rng_states[self.rank % len(rng_states)], self.device)
         return metadata["step"]
@@ -381,6 +391,8 @@ class Checkpointer:
         model_parts, optimizer, scheduler, loader = self.state
         self.wait()
         tensors = _tensor_state(model_parts, optimizer)
+        if self.entropy_training is not None:
+            tensors.update(self.entropy_training.checkpoint_tensors())
         per_rank = {"rank": self.rank, "dp_rank": self.dp_rank, "loader": loader.state_dict(),
                     "rng": _rng_state(self.device), "shapes": _shapes(tensors),
                     "nonfinite": _first_nonfinite_weight(tensors["model"])}  # fmt: skip
@@ -417,6 +429,8 @@ class Checkpointer:
             },
             "config": self.run_config,
         }
+        if self.entropy_training is not None:
+            metadata["patching"] = self.entropy_training.checkpoint_metadata()
         if self.executor is None:
             self._write(tensors, metadata)
         else:
@@ -494,12 +508,20 @@ def consolidate(checkpoint: str | Path, out_dir: str | Path) -> Path:
         raise UserError(f"{path}: not a bltdist checkpoint (no {METADATA_FILE}); give a directory like runs/x/checkpoints/step_N")
     metadata = read_metadata(path)
     verify_checksums(path, metadata)
-    model = {
-        name: torch.empty(spec["shape"], dtype=getattr(torch, spec["dtype"]))
-        for name, spec in metadata["tensors"]["model"].items()
-    }
+    sections = {section: {name: torch.empty(spec["shape"], dtype=getattr(torch, spec["dtype"]))
+                          for name, spec in metadata["tensors"][section].items()}
+                for section in ("model", "entropy_model") if section in metadata["tensors"]}  # fmt: skip
     with warnings.catch_warnings():
         # no_dist=True is exactly that intent; PyTorch still warns about it.
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load({"model": model}, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=True)
-    return save_weights_dir(model, config_from_dict(metadata["config"], str(path / METADATA_FILE)), out_dir)
+        dcp.load(sections, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=True)
+    cfg = config_from_dict(metadata["config"], str(path / METADATA_FILE))
+    if "patching" in metadata:  # the threshold in use, which patching.target_patch_size may have moved
+        cfg.patching.threshold = metadata["patching"]["threshold"]
+    loaded_entropy_model = cfg.patching.entropy_model
+    if "entropy_model" in sections:  # jointly trained: the model directory holds its entropy model
+        cfg.patching.entropy_model = ENTROPY_MODEL_DIR
+    model_dir = save_weights_dir(sections["model"], cfg, out_dir)
+    if "entropy_model" in sections:
+        write_entropy_model(sections["entropy_model"], loaded_entropy_model, model_dir / ENTROPY_MODEL_DIR)
+    return model_dir

@@ -28,6 +28,7 @@ from bltdist.parallel.grads import clip_grad_norm, first_nonfinite_gradient
 from bltdist.parallel.pipeline import BLTPipeline
 from bltdist.patching.patcher import Patcher
 from bltdist.patching.rules import pad_patch_lengths
+from bltdist.tokenizer import BPETokenizer
 
 # Pipeline stages size their buffers by the padded patch count; padding it to a multiple of this
 # keeps the number of distinct shapes, and so of pipeline schedules built, small.
@@ -39,11 +40,16 @@ class Stepper:
 
     def __init__(self, model_parts: list[torch.nn.Module], dims: ParallelDims, mesh: Meshes | None,
                  patcher: Patcher | None, train: TrainConfig, local_window: int | None, autocast,
-                 device: torch.device):  # fmt: skip
+                 device: torch.device, tokenizer: BPETokenizer | None = None, entropy_training=None):  # fmt: skip
         self.model_parts, self.patcher, self.autocast, self.local_window = model_parts, patcher, autocast, local_window
+        # bltdist.training.entropy_training: the threshold held at its target, a jointly trained entropy model.
+        self.entropy_training = entropy_training
+        self.tokenizer = tokenizer  # tokenlm: byte rows become BPE token rows covering the same bytes
         self.cp_group = mesh["cp"].get_group() if dims.cp > 1 else None
         # Sequence parallelism splits each cp rank's patches evenly over tp; cp chunks come in 2 x cp.
         self.patch_multiple = dims.tp * (2 * dims.cp if dims.cp > 1 else 1)
+        # Compiled blocks are specialised to the patch count: bucketing it bounds the graphs compiled.
+        self.bucket_patches = train.compile
         self.counts_patches = dims.cp == 1 or mesh["cp"].get_local_rank() == 0
         self.loss_divisor = train.global_batch_size * train.seq_len / dims.dp_cp
         self.pipeline = None
@@ -71,10 +77,16 @@ class Stepper:
 
     def _run(self, tokens, targets, entropies, backward: bool) -> tuple[float, int]:
         lengths, num_patches = None, tokens.numel()
+        if self.tokenizer is not None:  # a BPE token is the tokenlm's patch: counted as one
+            tokens, targets, num_patches = self.tokenizer.encode_rows(tokens, targets)
         if self.patcher is not None:
+            if self.entropy_training is not None and self.entropy_training.joint:
+                entropies = self.entropy_training.entropies(tokens, targets, backward)
+            if backward:
+                self.patcher.observe(tokens, entropies)
             lengths = self.patcher(tokens, entropies)
             num_patches = int((lengths > 0).sum()) if self.counts_patches else 0
-            lengths = pad_patch_lengths(lengths, self.patch_multiple)
+            lengths = pad_patch_lengths(lengths, self.patch_multiple, bucketed=self.bucket_patches)
         with self.autocast:
             if self.pipeline is not None:
                 if backward:
@@ -89,7 +101,7 @@ class Stepper:
 
     def _loss_sum(self, tokens, lengths, targets) -> torch.Tensor:
         (model,) = self.model_parts
-        if lengths is None:  # the entropy model: a byte LM without patches
+        if lengths is None:  # a plain LM over bytes or BPE tokens, without patches
             return byte_loss_sum(model(tokens), targets)
         if self.cp_group is None:
             return byte_loss_sum(model(tokens, lengths), targets)
@@ -123,6 +135,9 @@ def optimizer_step(stepper: Stepper, next_batch, accum: int, dims: ParallelDims,
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+    if stepper.entropy_training is not None and stepper.entropy_training.joint:
+        with timer.phase("optimizer"):
+            stepper.entropy_training.step(grad_clip)
     return loss_sum, patches, grad_norm
 
 
