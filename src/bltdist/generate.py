@@ -153,8 +153,8 @@ def load_for_generation(model_dir: str | Path) -> tuple[BLT, PatchingConfig, Ent
         raise UserError(f"{directory / CONFIG_FILE}: {error}") from error
     if cfg.model.arch != "blt":
         raise UserError(
-            f"{directory} holds an entropy model (model.arch: {cfg.model.arch}), which only places patches; "
-            "give the directory of a BLT model"
+            f"{directory} holds a model.arch: {cfg.model.arch} model; generation and evaluation take a BLT "
+            "(model.arch: blt) model directory (baselines report held-out bpb through bltdist.train's eval.sets)"
         )
     model = load_pretrained(directory)
     entropy_model = None
