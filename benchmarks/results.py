@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import subprocess
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -22,7 +23,10 @@ ExtraFile = str | bytes | Callable[[dict], str | bytes]
 
 
 def git_commit() -> str | None:
-    """``git rev-parse HEAD`` of the repository, None where git or the repository is unavailable."""
+    """``git rev-parse HEAD`` of the repository; ``BLTDIST_COMMIT`` where the tree is a copy without
+    ``.git`` (a lent GPU machine); None where neither is available."""
+    if os.environ.get("BLTDIST_COMMIT"):
+        return os.environ["BLTDIST_COMMIT"]
     try:
         result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO)
     except OSError:

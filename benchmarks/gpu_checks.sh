@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Everything a short GPU lease should run, in priority order, each part under its own time limit so
+# that one hang cannot eat the rest: the CUDA tests, the kernel timings, MFU of the 1B shape, then the
+# kernel and attention tests on the GPU. Results files go to $OUT/results (copy them into
+# benchmarks/results/), the whole log to $OUT/all.log.
+#
+#   BLTDIST_COMMIT=$(git rev-parse HEAD) OUT=/tmp/gpu bash benchmarks/gpu_checks.sh
+set -u
+OUT=${OUT:-/tmp/bltdist-gpu}
+mkdir -p "$OUT/results"
+export PYTHONUNBUFFERED=1
+exec > >(tee -a "$OUT/all.log") 2>&1
+
+part() {  # part SECONDS NAME COMMAND...: run with a limit, report its status and time either way
+    local limit=$1 name=$2 start=$SECONDS
+    shift 2
+    echo "=== $name (limit ${limit}s)"
+    timeout --kill-after=10 "$limit" "$@"
+    echo "=== $name: exit $? after $((SECONDS - start))s"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
+part 90 install python3 -m pip install -q --no-deps --no-build-isolation --no-index -e .
+
+part 210 test_cuda python3 -m pytest -v -rA -p no:cacheprovider tests/test_cuda.py
+part 90 kernels python3 benchmarks/kernels.py --seq-lens 8192 16384 --iters 10 --warmup 3 \
+    --out-dir "$OUT/results"
+# One GPU: global batch 8 of 8192 bytes (micro 1, so 8 micro-steps) instead of the config's 256.
+part 160 mfu python3 benchmarks/mfu.py --configs configs/blt_1b.yaml --seq-lens 8192 --layouts fsdp \
+    --steps 6 --results-dir "$OUT/results" --overrides --train.global_batch_size=8 --train.micro_batch_size=1
+part 90 kernel_and_attention_tests python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+    tests/test_attention.py
