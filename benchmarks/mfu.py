@@ -50,7 +50,7 @@ def run_point(config: str, seq_len: int, layout: str, args, work: Path) -> dict:
     out = work / f"{Path(config).stem}-{seq_len}-{layout.replace(',', '_').replace('=', '')}"
     overrides = [*parse_layout(layout), f"--train.seq_len={seq_len}", f"--train.steps={args.steps}",
                  "--logging.interval=1", "--train.val_interval=0", "--train.val_batches=1",
-                 "--checkpoint.interval=0", f"--output_dir={out}", *args.overrides]  # fmt: skip
+                 "--checkpoint.interval=0", "--checkpoint.final=false", f"--output_dir={out}", *args.overrides]  # fmt: skip
     if args.peak_tflops is not None:
         overrides.append(f"--logging.peak_tflops={args.peak_tflops}")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
@@ -60,8 +60,11 @@ def run_point(config: str, seq_len: int, layout: str, args, work: Path) -> dict:
     point = {"config": config, "seq_len": seq_len, "layout": layout}
     summary_path = out / "summary.json"
     if result.returncode != 0 or not summary_path.is_file():
-        lines = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+        # torchrun's own lines ("error_file: <N/A>", "traceback : To enable ...") name no cause.
+        lines = [line for line in result.stderr.splitlines() if "error" in line.lower()
+                 and not line.lstrip().startswith(("error_file", "traceback :"))]  # fmt: skip
         point["error"] = (lines[-1] if lines else result.stderr[-300:]).strip()
+        point["stderr_tail"] = result.stderr[-3000:]
         return point
     summary = json.loads(summary_path.read_text())
     return {

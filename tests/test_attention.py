@@ -97,10 +97,10 @@ def test_auto_picks_flash_only_for_half_precision(fake_flash_attn, caplog):
     choices = [r.getMessage() for r in caplog.records]
     # One line per distinct choice, however many calls make it.
     assert choices == [
-        "attention backend flash (requested auto) for bfloat16 cuda inputs",
-        "attention backend flash (requested auto) for float16 cuda inputs",
-        "attention backend flex (requested auto) for float32 cuda inputs",
-        "attention backend sdpa (requested auto) for bfloat16 cpu inputs",
+        "attention backend flash (requested auto) for bfloat16 cuda inputs, head dim 16",
+        "attention backend flash (requested auto) for float16 cuda inputs, head dim 16",
+        "attention backend flex (requested auto) for float32 cuda inputs, head dim 16",
+        "attention backend sdpa (requested auto) for bfloat16 cpu inputs, head dim 16",
     ]
 
 
@@ -113,14 +113,19 @@ def test_explicit_backends_fall_back_per_call_and_say_so_once(fake_flash_attn, c
         assert resolve_backend("flex", CPU, torch.float32, needs_grad=True) == "sdpa"
         assert resolve_backend("flex", CUDA, torch.float32, needs_grad=True) == "flex"
         assert resolve_backend("sdpa", CUDA, torch.bfloat16) == "sdpa"
+        assert resolve_backend("flex", CUDA, torch.bfloat16, head_dim=8) == "sdpa"
+        assert resolve_backend("flash", CUDA, torch.float32, head_dim=8) == "sdpa"
+        assert resolve_backend("auto", CUDA, torch.bfloat16, head_dim=15) == "flash"
     fallbacks = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    small_heads = "compiled FlexAttention needs heads of at least 16 dims"
     assert fallbacks == [
-        "attention backend flash falls back to flex for float32 cuda inputs: flash-attn computes only in bf16/fp16",
-        (
-            "attention backend flex falls back to sdpa for float32 cpu inputs needing a gradient: "
-            "torch has no FlexAttention backward on CPU"
-        ),
-    ]
+        "attention backend flash falls back to flex for float32 cuda inputs, head dim 16: flash-attn computes only "
+        "in bf16/fp16",
+        "attention backend flex falls back to sdpa for float32 cpu inputs, head dim 16: torch has no FlexAttention "
+        "backward on CPU",
+        f"attention backend flex falls back to sdpa for bfloat16 cuda inputs, head dim 8: {small_heads}",
+        f"attention backend flash falls back to sdpa for float32 cuda inputs, head dim 8: {small_heads}",
+    ]  # fmt: skip
 
 
 def test_auto_without_flash_attn_uses_flex_on_cuda():
@@ -129,6 +134,7 @@ def test_auto_without_flash_attn_uses_flex_on_cuda():
         if attention.flash_attn_available():
             pytest.skip("flash-attn is installed here: this test covers its absence")
         assert resolve_backend("auto", CUDA, torch.bfloat16) == "flex"
+        assert resolve_backend("auto", CUDA, torch.bfloat16, head_dim=8) == "sdpa"
         with pytest.raises(ValueError, match="model.attention_backend 'flash' needs CUDA"):
             resolve_backend("flash", CUDA, torch.bfloat16)
         with pytest.raises(ValueError, match="model.attention_backend: unknown backend 'xformers'"):

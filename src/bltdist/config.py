@@ -305,6 +305,10 @@ class CheckpointConfig:
     )
     keep_last: int = setting(3, "complete checkpoints kept (older ones deleted after a save completes); 0 = all", ge=0)
     async_save: bool = setting(False, "write checkpoints in a background thread while training goes on")
+    final: bool = setting(
+        True, "after the last step, save a checkpoint and write output_dir/model from it; false for benchmarks "
+        "(a 1B model's checkpoint with its optimizer state is about 50 GB)"
+    )
 
 
 @dataclasses.dataclass

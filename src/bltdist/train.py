@@ -85,7 +85,7 @@ class Trainer:
             raise
         if not preempted:
             self.validate(self.cfg.train.steps)
-            if self.is_main:
+            if self.is_main and self.cfg.checkpoint.final:
                 self.logger.info(f"model written: {consolidate(self.checkpointer.latest(), self.output_dir / 'model')}")
         summary = run_summary(
             self.logger.train_records, self.timer.breakdown(), gather_peak_memory_gb(self.state.device),

@@ -36,6 +36,8 @@ FLASH_DTYPES = (torch.bfloat16, torch.float16)
 # in torch 2.13). The trainer buckets patch counts, so a run meets a few shapes; this many may
 # compile before dynamo gives up and runs the slow eager reference.
 FLEX_SHAPE_LIMIT = 64
+# torch's compiled FlexAttention kernel for CUDA refuses heads with fewer dims (tiny test models).
+FLEX_MIN_HEAD_DIM = 16
 
 logger = logging.getLogger(__name__)
 
@@ -55,38 +57,42 @@ def check_backend(requested: str, device: torch.device) -> str:
 
 
 def resolve_backend(
-    requested: str, device: torch.device, dtype: torch.dtype = torch.float32, needs_grad: bool = False
+    requested: str,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    needs_grad: bool = False,
+    head_dim: int = FLEX_MIN_HEAD_DIM,
 ) -> str:
     """The backend that runs one attention call on ``device`` with inputs of ``dtype``.
 
     ``auto``: flash-attn for half precision on CUDA when installed, else FlexAttention on CUDA,
-    SDPA on CPU. A requested backend that cannot take the call falls back: flash to flex for fp32
-    inputs, flex to sdpa on CPU when a gradient is needed (torch has no FlexAttention backward on
-    CPU). The choice and every fallback are logged once per process.
+    SDPA on CPU. A backend that cannot take the call falls back: flash to flex for fp32 inputs,
+    flex to sdpa on CPU when a gradient is needed (torch has no FlexAttention backward on CPU) and
+    on CUDA for heads under 16 dims (the compiled kernel refuses them). The choice and every
+    fallback are logged once per process.
     """
     check_backend(requested, device)
-    chosen = requested
+    chosen, reason = requested, None
     if requested == "auto":
         if device.type != "cuda":
             chosen = "sdpa"
         else:
             chosen = "flash" if flash_attn_available() and dtype in FLASH_DTYPES else "flex"
     elif requested == "flash" and dtype not in FLASH_DTYPES:
-        chosen = "flex"
+        chosen, reason = "flex", "flash-attn computes only in bf16/fp16"
     elif requested == "flex" and device.type == "cpu" and needs_grad:
-        chosen = "sdpa"
+        chosen, reason = "sdpa", "torch has no FlexAttention backward on CPU"
+    if chosen == "flex" and device.type == "cuda" and head_dim < FLEX_MIN_HEAD_DIM:
+        chosen, reason = "sdpa", f"compiled FlexAttention needs heads of at least {FLEX_MIN_HEAD_DIM} dims"
     # Logging inside a compiled region would break its graph, so there only eager calls log (the
     # online entropy model, validation outside compiled blocks).
     if not torch.compiler.is_compiling():
-        inputs = f"{str(dtype).removeprefix('torch.')} {device.type} inputs"
-        if requested in ("auto", chosen):
+        inputs = f"{str(dtype).removeprefix('torch.')} {device.type} inputs, head dim {head_dim}"
+        if reason is None:
             _log_once(logging.INFO, f"attention backend {chosen} (requested {requested}) for {inputs}")
-        elif requested == "flash":
-            _log_once(logging.WARNING, f"attention backend flash falls back to {chosen} for {inputs}: "
-                                       "flash-attn computes only in bf16/fp16")  # fmt: skip
         else:
-            _log_once(logging.WARNING, f"attention backend flex falls back to {chosen} for {inputs} needing a "
-                                       "gradient: torch has no FlexAttention backward on CPU")  # fmt: skip
+            level = logging.INFO if requested == "auto" else logging.WARNING
+            _log_once(level, f"attention backend {requested} falls back to {chosen} for {inputs}: {reason}")
     return chosen
 
 
@@ -119,7 +125,7 @@ class SelfAttentionMask:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-        backend = resolve_backend(self.backend, q.device, q.dtype, needs_grad)
+        backend = resolve_backend(self.backend, q.device, q.dtype, needs_grad, q.shape[-1])
         if backend == "flash":
             return _flash_attention(q, k, v, self)
         if backend == "flex":

@@ -373,7 +373,7 @@ class Checkpointer:
         if self.pending is not None and self.pending.done():
             self.wait()  # an async save that failed stops the run now, not at the next save
         preempted = self._agree(self.preempted)
-        if preempted or step == self.final_step or (self.cfg.interval and step % self.cfg.interval == 0):
+        if preempted or (step == self.final_step and self.cfg.final) or (self.cfg.interval and step % self.cfg.interval == 0):
             self.save(step)
         if preempted:
             self.wait()
