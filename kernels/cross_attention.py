@@ -77,6 +77,7 @@ def _pool_forward_kernel(
     seq_len, num_patches, slots, heads, kv_heads, head_dim, scale,
     S_PAD: tl.constexpr, BLOCK_T: tl.constexpr, D_PAD: tl.constexpr,
 ):
+    scale = tl.cast(scale, tl.float32)  # inside torch.compile a Python float arrives as fp64
     row, head, kv_head, start, end, dims, dim_mask, slot_mask, q, q_mask, q_offsets, lse_offsets = (
         _patch_program_queries(q_ptr, segment_ends_ptr, num_patches, slots, heads, kv_heads, head_dim, S_PAD, D_PAD)
     )
@@ -110,6 +111,7 @@ def _pool_backward_kernel(
     seq_len, num_patches, slots, heads, kv_heads, head_dim, scale,
     S_PAD: tl.constexpr, BLOCK_T: tl.constexpr, D_PAD: tl.constexpr,
 ):
+    scale = tl.cast(scale, tl.float32)  # inside torch.compile a Python float arrives as fp64
     row, head, kv_head, start, end, dims, dim_mask, slot_mask, q, q_mask, q_offsets, lse_offsets = (
         _patch_program_queries(q_ptr, segment_ends_ptr, num_patches, slots, heads, kv_heads, head_dim, S_PAD, D_PAD)
     )
@@ -170,6 +172,7 @@ def _unpool_forward_kernel(
     seq_len, num_patches, slots, heads, kv_heads, head_dim, scale,
     BLOCK_T: tl.constexpr, D_PAD: tl.constexpr,
 ):
+    scale = tl.cast(scale, tl.float32)  # inside torch.compile a Python float arrives as fp64
     head, kv_head, in_row, dims, mask, q, q_offsets, slot_base, lse_offsets = _byte_program_queries(
         q_ptr, source_patch_ptr, seq_len, num_patches, slots, heads, kv_heads, head_dim, BLOCK_T, D_PAD
     )
@@ -198,6 +201,7 @@ def _unpool_backward_kernel(
     seq_len, num_patches, slots, heads, kv_heads, head_dim, scale,
     BLOCK_T: tl.constexpr, D_PAD: tl.constexpr,
 ):
+    scale = tl.cast(scale, tl.float32)  # inside torch.compile a Python float arrives as fp64
     head, kv_head, in_row, dims, mask, q, q_offsets, slot_base, lse_offsets = _byte_program_queries(
         q_ptr, source_patch_ptr, seq_len, num_patches, slots, heads, kv_heads, head_dim, BLOCK_T, D_PAD
     )
