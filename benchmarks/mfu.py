@@ -73,6 +73,7 @@ def run_point(config: str, seq_len: int, layout: str, args, work: Path) -> dict:
         "tflops_per_rank": summary["tflops_per_rank"]["median"],
         "bytes_per_sec_per_rank": summary["bytes_per_sec_per_rank"]["median"],
         "peak_memory_gb_max": max(summary["peak_memory_gb_per_rank"]),
+        "recompilations": summary.get("recompilations"),
         "step_time_breakdown": summary["step_time_breakdown"],
     }
 
