@@ -127,7 +127,13 @@ def test_document_set_token_spans_are_the_tokenised_documents():
         total = len(document) + 2
         for start in range(0, total, 3):
             for stop in range(start + 1, total + 1, 2):
-                assert selected.tokens(index, start, stop).tolist() == document_tokens(document)[start:stop].tolist()
+                tokens = np.empty(stop - start, dtype=np.int16)
+                selected.write_tokens([(index, start, stop)], tokens)
+                assert tokens.tolist() == document_tokens(document)[start:stop].tolist()
+    pieces = [(3, 250, 258), (0, 0, 2), (2, 1, 6), (1, 0, 2)]  # one after another, as the loader writes a window
+    tokens = np.empty(sum(hi - lo for _, lo, hi in pieces), dtype=np.int64)
+    selected.write_tokens(pieces, tokens)
+    assert tokens.tolist() == [t for index, lo, hi in pieces for t in document_tokens(documents[index])[lo:hi].tolist()]
 
 
 def assert_data_error(path, *fragments: str, text_field: str = "text") -> None:

@@ -10,6 +10,7 @@ from test_checkpoint import launch, losses, write_corpus
 
 from bltdist.data import PackedByteLoader
 from bltdist.errors import DataError
+from bltdist.patching.rules import patch_lengths, patch_starts
 
 
 def sample_documents(count: int = 30) -> list[bytes]:
@@ -55,6 +56,30 @@ def test_prefetched_batches_equal_the_plain_ones_and_the_state_counts_only_consu
     ahead.close()
     resumed.close()
     assert not any(thread.name == "bltdist-prefetch" for thread in threading.enumerate())
+
+
+def entropy_patch_lengths(inputs: torch.Tensor, entropies: torch.Tensor) -> torch.Tensor:
+    return patch_lengths(patch_starts(inputs, "entropy", entropies=entropies % 7, threshold=5.0))  # 1 byte in 7
+
+
+def test_patch_lengths_are_cut_with_the_batch_on_the_prefetch_thread():
+    threads = set()
+
+    def cut(inputs: torch.Tensor, entropies: torch.Tensor) -> torch.Tensor:
+        threads.add(threading.current_thread().name)
+        return entropy_patch_lengths(inputs, entropies)
+
+    ahead = loader(prefetch=2)
+    ahead.patch_lengths = cut
+    plain = loader(prefetch=0)
+    for _ in range(5):
+        inputs, targets, entropies, lengths = ahead.next_training_batch()
+        assert all(torch.equal(a, b) for a, b in zip((inputs, targets, entropies), plain.next_batch_with_entropies()))
+        assert torch.equal(lengths, entropy_patch_lengths(inputs, entropies))
+        assert 1 < lengths.shape[1] < inputs.shape[1], "the threshold cuts some patches, not every byte"
+    assert threads == {"bltdist-prefetch"}, "patch lengths are cut off the training thread"
+    ahead.close()
+    assert plain.next_training_batch()[3] is None, "no patch lengths without patch_lengths"
 
 
 def test_an_error_on_the_background_thread_is_raised_by_the_batch_it_belongs_to():

@@ -12,7 +12,7 @@ import torch
 from test_convert import VARIANTS, saved_hf_blt
 from test_model import build, tiny_blt_config
 
-from bltdist.config import load_config
+from bltdist.config import SuperPatchConfig, load_config
 from bltdist.convert import from_hf
 from bltdist.evaluate import NOISE_KINDS, noised
 from bltdist.evaluate import main as evaluate_main
@@ -122,6 +122,33 @@ def test_cached_steps_equal_recomputing_for_other_model_shapes(shape, tmp_path):
     tokens = [1] + [byte + 4 for byte in b"for i in range(10):\n    print(i, i * i)  # squares"]
     assert_steps_agree(model, patching, None, tokens, prompt_length=1)
     assert_steps_agree(model, patching, None, tokens, prompt_length=20)
+
+
+@pytest.mark.parametrize("grouping", [
+    {"patches_per_super_patch": 2},
+    {"mode": "entropy", "entropy_threshold": 14.0, "max_patches_per_super_patch": 3},
+], ids=["static", "entropy"])  # fmt: skip
+def test_a_two_level_model_generates_by_recomputing_and_appended_bytes_change_no_earlier_logit(grouping, tmp_path,
+                                                                                             entropy_dir):  # fmt: skip
+    """Caches cover one latent level, so a model with super-patches recomputes; the second level's
+    one-step lag keeps every step's logits those of its position in the whole sequence."""
+    super_patch = SuperPatchConfig(enabled=True, **grouping)
+    entropy = "entropy" in grouping.get("mode", "")
+    patching = PATCHINGS["entropy_global" if entropy else "static"]
+    model_dir = save_blt(tmp_path / "model", patching, entropy_dir if entropy else None, super_patch=super_patch)
+    model, patching, entropy_model = load_for_generation(model_dir)
+    new = generate(model, [PROMPTS[-1]], patching, entropy_model, max_new_bytes=16, temperature=0)[0]
+    assert len(new) > 0
+    tokens = [1] + [byte + 4 for byte in PROMPTS[-1] + new]
+    stepper = RecomputeStepper(model, patching, entropy_model)
+    steps = [stepper.advance(tokens[:5])] + [stepper.advance([token]) for token in tokens[5:]]
+    whole_sequence = stepper.logits()[4:]
+    for step, logits in enumerate(steps):
+        torch.testing.assert_close(logits, whole_sequence[step], rtol=1e-5, atol=1e-5, msg=f"step {step}")
+    (tmp_path / "code.py").write_text("def f(x):\n    return x * 2\n" * 20)
+    evaluate_main([str(model_dir), "--data", str(tmp_path / "code.py"), "--seq-len", "64", "--out",
+                   str(tmp_path / "eval.json")])  # fmt: skip
+    assert 7 < json.loads((tmp_path / "eval.json").read_text())["sources"]["code.py"]["bpb"] < 9  # untrained
 
 
 def test_the_last_byte_reads_the_last_completed_patch_not_the_open_one(static_dir):

@@ -5,6 +5,7 @@ exact resume after SIGKILL, parallel layouts equal to one process. Real trainer 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -140,6 +141,28 @@ def test_joint_training_under_a_parallel_layout_matches_one_process(layout, join
             assert got[step][key] == pytest.approx(record[key], rel=1e-5), (step, key)
     # The entropy model learns, so the boundaries move: the run is not a frozen one in disguise.
     assert len({record["avg_patch_len"] for record in expected.values()}) > 2
+
+
+@pytest.mark.parametrize("saved, wanted", [("joint", "frozen"), ("frozen", "joint")])
+def test_switching_entropy_model_training_on_resume_is_refused_before_anything_is_written(
+    saved, wanted, joint_single, entropy_run, corpus, tmp_path
+):
+    """joint -> frozen would patch with the entropy model the run started from, not the trained one;
+    frozen -> joint has no entropy optimizer to resume. Refused with exit 2 before any file changes."""
+    out = tmp_path / "run"
+    shutil.copytree(joint_single, out)
+    for metadata_file in (out / "checkpoints").glob("step_*/metadata.json"):
+        metadata = json.loads(metadata_file.read_text())
+        metadata["config"]["patching"]["entropy_model_training"] = saved  # a frozen run's checkpoint says frozen
+        metadata_file.write_text(json.dumps(metadata))
+    files = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    result = run([*blt_args(entropy_run, corpus, out), *(JOINT if wanted == "joint" else []), "--train.steps=8",
+                  "--train.micro_batch_size=4", f"--patching.entropy_model_training={wanted}",
+                  "--checkpoint.resume=auto"])  # fmt: skip
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert f"cannot resume with patching.entropy_model_training {saved} -> {wanted}" in result.stderr
+    assert f"or resume with patching.entropy_model_training: {saved}" in result.stderr
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == files
 
 
 @pytest.mark.parametrize(

@@ -236,7 +236,6 @@ def test_bad_layout_exits_2_before_starting(tmp_path):
         (["--parallel.dp_shard=-1", "--parallel.tp=4"], 6, "not divisible"),
         (["--parallel.tp=3", "--parallel.dp_shard=1", "--model.blt.global_heads=8"], 3, "global_heads"),
         (["--parallel.cp=4", "--parallel.dp_shard=1", "--train.seq_len=6"], 4, "train.seq_len"),
-        (["--parallel.cp=2", "--parallel.dp_shard=1", "--model.arch=entropy"], 2, "parallel.cp"),
     ],
 )
 def test_bad_layouts_fail_before_any_process_group(overrides, world_size, message):

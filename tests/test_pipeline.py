@@ -323,6 +323,7 @@ def test_microbatch_problems_are_listed_together():
     assert "1F1B needs at least parallel.pp = 4 microbatches" in str(error.value)
 
 
-def test_entropy_model_cannot_be_pipelined():
-    with pytest.raises(ConfigError, match="model.arch is 'entropy'"):
-        check_pipeline_layout(pipeline_config("--parallel.pp=2", "--model.arch=entropy"))
+def test_entropy_model_stages_need_one_of_its_layers_each():
+    check_pipeline_layout(pipeline_config("--parallel.pp=2", "--model.arch=entropy"))
+    with pytest.raises(ConfigError, match="4 pipeline stages, but model.entropy.layers is 3"):
+        check_pipeline_layout(pipeline_config("--parallel.pp=4", "--model.arch=entropy", "--model.entropy.layers=3"))

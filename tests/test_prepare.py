@@ -68,7 +68,7 @@ def test_prepared_corpus_gives_the_batches_of_the_raw_files(tmp_path):
     manifest = json.loads((tmp_path / "prepared" / "manifest.json").read_text())
     assert len(manifest["shards"]) > 3 and manifest["documents"] == 12 + 2 * 30 + 9
     table = open_prepared(str(tmp_path / "prepared"))
-    assert all(isinstance(shard, np.memmap) for shard in table.shards), "prepared bytes are memory-mapped"
+    assert all(isinstance(shard.base, np.memmap) for shard in table.shards), "prepared bytes are memory-mapped"
     sources = {}
     for kind, path in (("raw", corpus), ("prepared", tmp_path / "prepared")):
         sources[kind] = build_sources(DataConfig(path=str(path), val_fraction=0.2))

@@ -19,21 +19,56 @@ from test_train import run_trainer
 from bltdist.config import SuperPatchConfig, load_config
 from bltdist.errors import ConfigError
 from bltdist.flops import blt_forward_flops_per_byte
-from bltdist.model.super_patch import SuperPatchGlobal, SuperPatchLayout
+from bltdist.model.blt import ByteLM, PatchLayout
+from bltdist.model.super_patch import SuperPatchGlobal, SuperPatchLayout, starts_of_lengths, static_starts
+from bltdist.model_dir import save_weights_dir
 from bltdist.parallel import ParallelDims
+from bltdist.patching.rules import patch_lengths, patch_starts, super_patch_lengths
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def two_level(n: int = 3, slots: int = 1, **overrides):
+def two_level(n: int = 3, slots: int = 1, mode: str = "static", **overrides):
     return tiny_blt_config(**overrides, super_patch=SuperPatchConfig(enabled=True, patches_per_super_patch=n,
-                                                                     cross_attn_k=slots, decoder_layers=2))  # fmt: skip
+                                                                     cross_attn_k=slots, decoder_layers=2,
+                                                                     mode=mode))  # fmt: skip
+
+
+def causal_entropies(tokens: torch.Tensor) -> torch.Tensor:
+    """Stand-in next-byte entropies: H(t) from byte t alone, so causal like an entropy model's."""
+    return ((tokens * 37) % 11).float() / 2
+
+
+def entropy_grouped(tokens: torch.Tensor, threshold: float = 8.0, max_patches: int | None = 3):
+    """Entropy patches and their entropy super-patches, as the patcher computes them."""
+    entropies = causal_entropies(tokens)
+    lengths = patch_lengths(patch_starts(tokens, "entropy", entropies=entropies, threshold=3.0))
+    return lengths, super_patch_lengths(tokens, lengths, entropies, threshold, max_patches)
+
+
+def seeded_entropy_model(directory) -> str:
+    """An untrained entropy model with large weights: its entropies (about 3.8 to 4.8 nats) vary from
+    byte to byte, so patches and super-patches vary in size. Saved like a trained one."""
+    cfg = load_config(None, ["--model.arch=entropy", "--model.entropy.dim=16", "--model.entropy.layers=1",
+                             "--model.entropy.heads=2", "--model.entropy.ffn_dim=32", "--model.entropy.window=16",
+                             "--model.entropy.init_std=0.4", "--train.seq_len=64"])  # fmt: skip
+    torch.manual_seed(0)
+    model = ByteLM(cfg.model.entropy)
+    model.init_weights()
+    return str(save_weights_dir(model.state_dict(), cfg, directory))
+
+
+def entropy_grouping(directory) -> list[str]:
+    return ["--patching.mode=entropy", f"--patching.entropy_model={seeded_entropy_model(directory)}",
+            "--patching.threshold=4.6", "--model.blt.super_patch.mode=entropy",
+            "--model.blt.super_patch.entropy_threshold=12",
+            "--model.blt.super_patch.max_patches_per_super_patch=3"]  # fmt: skip
 
 
 def test_super_patches_start_at_documents_never_cross_them_and_pad_to_a_multiple():
     # Row 0: documents start at patches 0 and 6; patches 11.. are padding (-1). Row 1: one document.
     docs = torch.tensor([[0] * 6 + [1] * 5 + [-1] * 5, [0] * 16])
-    layout = SuperPatchLayout.build(docs, patches_per_super_patch=3, backend="sdpa")
+    layout = SuperPatchLayout.build(docs, static_starts(docs, 3), backend="sdpa")
     # A document start is a super-patch of its own, the patch after it starts one, then every 3.
     assert layout.super_ids[0].tolist() == [0, 1, 1, 1, 2, 2, 3, 4, 4, 4, 5, 6, 7, 7, 7, 8]
     assert layout.super_ids[1].tolist() == [0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5]
@@ -46,18 +81,50 @@ def test_super_patches_start_at_documents_never_cross_them_and_pad_to_a_multiple
     assert layout.num_supers == 16 and layout.super_mask.doc_ids[0].tolist() == [0] * 3 + [1] * 3 + [-1] * 10
 
 
-def test_two_level_blt_is_causal():
-    """Changing bytes from position k on leaves every logit before k (predicting bytes <= k) as it was."""
-    model = build(two_level(slots=2))
+def test_entropy_super_patches_close_past_the_threshold_at_documents_and_at_the_maximum():
+    # Row 0: documents start at bytes 0 and 10 (patches 0 and 5); row 1: one document. 0 = padding patch.
+    tokens = torch.full((2, 16), 40)
+    tokens[:, 0], tokens[0, 9], tokens[0, 10] = 1, 2, 1
+    lengths = torch.tensor([[1, 2, 2, 3, 2, 1, 2, 3, 0], [1, 3, 3, 3, 3, 3, 0, 0, 0]])
+    entropies = torch.ones(2, 16)
+    entropies[0, 3:5], entropies[0, 8:10] = 2.0, 5.0  # patch sums, row 0: 1, 2, 4, 3, 10, 1, 2, 3
+    # Closes once the sum passes 5 (2 + 4; 3 + 10); 2 + 3 = 5 does not pass; the BOS patch 5 is alone.
+    assert super_patch_lengths(tokens, lengths, entropies, 5.0).tolist() == [[1, 2, 2, 1, 2], [1, 2, 2, 1, 0]]
+    # Without a reachable threshold only documents close super-patches, or the maximum does.
+    assert super_patch_lengths(tokens, lengths, entropies, 100.0).tolist() == [[1, 4, 1, 2], [1, 5, 0, 0]]
+    assert super_patch_lengths(tokens, lengths, entropies, 100.0, 2).tolist() == [[1, 2, 2, 1, 2], [1, 2, 2, 1, 0]]
+    assert super_patch_lengths(tokens, lengths, entropies, 5.0, 1).tolist() == [[1] * 8, [1] * 6 + [0, 0]]
+    # The model takes them as given; padding patches (3 per row here) form super-patches of their own.
+    grouped = super_patch_lengths(tokens, lengths, entropies, 5.0)
+    docs = PatchLayout.build(tokens, torch.nn.functional.pad(lengths, (0, 3)), None, "sdpa").patch_mask.doc_ids
+    layout = SuperPatchLayout.build(docs, starts_of_lengths(grouped, docs), "sdpa")
+    assert layout.super_ids.tolist() == [[0, 1, 1, 2, 2, 3, 4, 4, 5, 6, 6, 6], [0, 1, 1, 2, 2, 3, 4, 5, 5, 5, 5, 5]]
+    assert layout.source_super[0, :8].tolist() == [0, 0, 1, 1, 2, 3, 3, 4]  # one super-patch behind
+    with pytest.raises(ValueError, match="super_patch_lengths must sum"):
+        starts_of_lengths(grouped[:, :-1], docs)
+
+
+@pytest.mark.parametrize("mode", ["static", "entropy"])
+def test_two_level_blt_is_causal(mode):
+    """Changing bytes from position k on leaves every logit before k (predicting bytes <= k) as it was.
+    With entropy patches and super-patches the grouping itself changes after k, as the model's would."""
+    model = build(two_level(slots=2, mode=mode))
     assert isinstance(model.global_model, SuperPatchGlobal)
     generator = torch.Generator().manual_seed(0)
     tokens = make_tokens(2, 96, docs_at=(30,), generator=generator)
-    logits = model(tokens, static_lengths(tokens, 3))
+
+    def forward(rows):
+        if mode == "static":
+            return model(rows, static_lengths(rows, 3))
+        lengths, grouped = entropy_grouped(rows)
+        return model(rows, lengths, super_patch_lengths=grouped)
+
+    logits = forward(tokens)
     for k in (2, 13, 31, 47, 80, 95):
         changed = tokens.clone()
         changed[:, k:] = torch.randint(4, 260, changed[:, k:].shape, generator=generator)
         changed[:, 30] = tokens[:, 30]  # the document start stays, so the patch count does too
-        changed_logits = model(changed, static_lengths(changed, 3))
+        changed_logits = forward(changed)
         torch.testing.assert_close(changed_logits[:, :k], logits[:, :k], rtol=0, atol=1e-6)
         assert not torch.allclose(changed_logits[:, k + 1 :], logits[:, k + 1 :]) or k == 95
 
@@ -71,6 +138,33 @@ def test_flop_formula_covers_the_second_level(patch_size, n, slots):
     formula = 3 * blt_forward_flops_per_byte(cfg, 128, tokens.numel() / int((lengths > 0).sum()))
     counted = counted_training_flops_per_byte(build(cfg), tokens, lengths)
     assert abs(formula - counted) / counted < 0.10, (formula, counted)
+
+
+def test_flop_formula_covers_super_patches_of_varying_size():
+    """mode entropy: the formula at the measured average super-patch size, against FlopCounterMode."""
+    cfg = two_level(mode="entropy", local_dim=64, local_heads=2, global_dim=128, global_heads=4, global_layers=3,
+                    local_window=None)  # fmt: skip
+    tokens = make_tokens(2, 128, docs_at=(70,))
+    lengths, grouped = entropy_grouped(tokens, threshold=15.0, max_patches=None)
+    sizes = grouped[grouped > 0]
+    assert sizes[sizes > 1].unique().numel() >= 3  # super-patches of several sizes
+    avg_patch_len, avg_super_patch_len = tokens.numel() / int((lengths > 0).sum()), sizes.float().mean().item()
+    formula = 3 * blt_forward_flops_per_byte(cfg, 128, avg_patch_len, avg_super_patch_len)
+    counted = counted_training_flops_per_byte(build(cfg), tokens, lengths, None, None, None, grouped)
+    assert abs(formula - counted) / counted < 0.10, (formula, counted)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--model.blt.super_patch.mode=entropy", "--model.blt.super_patch.entropy_threshold=10"],
+     "model.blt.super_patch.mode: entropy sums next-byte entropies, which only patching.mode: entropy computes "
+     r"\(got patching.mode: static\); set patching.mode: entropy or model.blt.super_patch.mode: static"),
+    (["--model.blt.super_patch.mode=entropy", "--patching.mode=entropy", "--patching.entropy_model=somewhere"],
+     "model.blt.super_patch.entropy_threshold: required"),
+    (["--model.blt.super_patch.max_patches_per_super_patch=4"], "applies to mode entropy only"),
+])  # fmt: skip
+def test_entropy_grouping_is_refused_without_entropies_or_threshold(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["--model.blt.super_patch.enabled=true", *overrides])
 
 
 @pytest.mark.parametrize("parallel, message", [
@@ -103,14 +197,17 @@ def train_lines(out) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_two_level_blt_under_fsdp_and_tensor_parallel_matches_one_process(tmp_path):
+@pytest.mark.parametrize("grouping", ["static", "entropy"])
+def test_two_level_blt_under_fsdp_and_tensor_parallel_matches_one_process(tmp_path, grouping):
+    """Entropy super-patches are grouped by every rank from its batch: tp ranks must agree."""
     (tmp_path / "corpus").mkdir()
     corpus = write_corpus(tmp_path / "corpus", 12)
+    args = [*SMALL, f"--data.path={corpus}", *(entropy_grouping(tmp_path / "entropy") if grouping == "entropy" else [])]
     single, layout = tmp_path / "single", tmp_path / "dp_shard2_tp2"
-    result = run_trainer([*SMALL, "--train.micro_batch_size=4", f"--data.path={corpus}", f"--output_dir={single}"])
+    result = run_trainer([*args, "--train.micro_batch_size=4", f"--output_dir={single}"])
     assert result.returncode == 0, result.stderr[-4000:]
-    result = run_trainer([*SMALL, "--train.micro_batch_size=2", "--parallel.dp_shard=2", "--parallel.tp=2",
-                          f"--data.path={corpus}", f"--output_dir={layout}"], nproc=4)  # fmt: skip
+    result = run_trainer([*args, "--train.micro_batch_size=2", "--parallel.dp_shard=2", "--parallel.tp=2",
+                          f"--output_dir={layout}"], nproc=4)  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     expected, got = train_lines(single), train_lines(layout)
     assert len(got) == len(expected) == 4
@@ -123,9 +220,14 @@ def test_two_level_blt_under_fsdp_and_tensor_parallel_matches_one_process(tmp_pa
         torch.testing.assert_close(four[name], tensor, rtol=0, atol=2e-3, msg=lambda m: f"{name}: {m}")
 
 
-def test_tiny_2level_config_trains_on_cpu(tmp_path):
-    result = run_trainer(["configs/tiny_2level.yaml", "--train.steps=3", "--train.seq_len=128", "--train.val_batches=1",
-                          "--logging.interval=1", "--optim.warmup_steps=1", f"--output_dir={tmp_path}"])  # fmt: skip
+@pytest.mark.parametrize("config", ["tiny_2level", "tiny_2level_entropy"])
+def test_tiny_2level_config_trains_on_cpu(tmp_path, config):
+    """tiny_2level_entropy.yaml with a stand-in entropy model (its thresholds set for that model's
+    entropies, about 4.5 nats a byte), so that patches and super-patches vary in size."""
+    grouping = entropy_grouping(tmp_path / "entropy") + ["--model.blt.super_patch.entropy_threshold=40"]
+    result = run_trainer([f"configs/{config}.yaml", "--train.steps=3", "--train.seq_len=128", "--train.val_batches=1",
+                          "--logging.interval=1", "--optim.warmup_steps=1", f"--output_dir={tmp_path / 'run'}",
+                          *(grouping if config == "tiny_2level_entropy" else [])])  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
-    lines = train_lines(tmp_path)
+    lines = train_lines(tmp_path / "run")
     assert lines[-1]["loss"] < lines[0]["loss"]

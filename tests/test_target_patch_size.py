@@ -3,14 +3,17 @@ target average length, identically on every rank, logged and saved with checkpoi
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from test_joint_entropy import blt_args, corpus, entropy_run, run, train_records  # noqa: F401 (fixtures)
 
 from bltdist.config import load_config
+from bltdist.patching.cli import entropy_sample
+from bltdist.patching.entropy import EntropyModel
 from bltdist.patching.patcher import Patcher
 from bltdist.patching.rules import patch_starts
-from bltdist.patching.tokens import BOS_ID, BYTE_OFFSET
+from bltdist.patching.tokens import BOS_ID, BYTE_OFFSET, document_tokens
 
 
 def patcher_with_recent(entropy_run, mode: str, target: float, max_patch_length: int | None) -> Patcher:
@@ -66,3 +69,26 @@ def test_patch_size_is_held_at_its_target_identically_on_every_rank_and_saved(en
     assert all(2.5 < length < 6.5 for length in later) and sum(later) / len(later) == pytest.approx(4.0, rel=0.15)
     saved = json.loads((single / "checkpoints" / "step_6" / "metadata.json").read_text())["patching"]["threshold"]
     assert saved not in thresholds and saved == load_config(str(single / "model" / "config.yaml"), []).patching.threshold
+
+
+def test_calibration_samples_chunks_of_many_documents_with_the_entropies_training_computes(entropy_run):
+    """``python -m bltdist.patch calibrate`` spreads its byte budget over chunks of many documents (a few
+    whole long documents made the threshold miss the target in training); each chunk's tokens and
+    entropies are those of the training stream at that place."""
+    model = EntropyModel(str(entropy_run / "model"))
+    context = model.context
+    documents = [bytes(f"doc {i}: ", "ascii") + bytes((i * 7 + j * j) % 95 + 32 for j in range(4 * context + i))
+                 for i in range(12)]  # fmt: skip
+    sample = entropy_sample(model, documents, 10 * context, seed=0)
+    assert len(sample.tokens) == 10 and sample.num_tokens <= 10 * context
+    found = set()
+    for tokens, entropies in zip(sample.tokens, sample.entropies):
+        place = next((i, c) for i, d in enumerate(documents) for c in range(model.num_chunks(d))
+                     if np.array_equal(document_tokens(d, c * context, (c + 1) * context), tokens))  # fmt: skip
+        whole = model.document_entropies(documents[place[0]])
+        assert np.array_equal(entropies, whole[place[1] * context : (place[1] + 1) * context])
+        found.add(place)
+    assert len(found) == 10 and len({i for i, _ in found}) >= 5  # whole documents: 2 of them
+    again = entropy_sample(model, documents, 10 * context, seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip(again.tokens, sample.tokens))
+    assert len(entropy_sample(model, documents, None, seed=0).tokens) == len(documents)  # None: all, whole

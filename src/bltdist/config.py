@@ -57,11 +57,25 @@ class SuperPatchConfig:
 
     enabled: bool = setting(False, "group patches into super-patches; false = the one-level BLT, unchanged")
     patches_per_super_patch: int = setting(
-        4, "patches per super-patch, counted from each document start (as static patching counts bytes)", ge=1
+        4, "mode static: patches per super-patch, counted from each document start (as static patching counts bytes)",
+        ge=1,
     )
     encoder_layers: int = setting(1, "patch-level encoder layers (global_dim) before pooling into super-patches", ge=1)
     decoder_layers: int = setting(1, "patch-level decoder layers (global_dim) after the super-patch transformer", ge=1)
     cross_attn_k: int = setting(1, "query slots per super-patch; k * global_dim != global_dim adds a projection", ge=1)
+    mode: str = setting(
+        "static",
+        "how patches group: static = every patches_per_super_patch patches; entropy = a super-patch closes after the "
+        "patch at which the summed next-byte entropy of its bytes passes entropy_threshold (needs patching.mode "
+        "entropy); both start a super-patch at every document start",
+        choices=("static", "entropy"),
+    )
+    entropy_threshold: float | None = setting(
+        None, "mode entropy: summed next-byte entropy (nats) of a super-patch's bytes that closes it; required", gt=0
+    )
+    max_patches_per_super_patch: int | None = setting(
+        None, "mode entropy: a super-patch closes at this many patches whatever its entropy; null = no limit", ge=1
+    )
 
 
 @dataclasses.dataclass
@@ -676,6 +690,7 @@ def _combination_problems(values: dict[str, Any]) -> list[str]:
         )
 
     problems += _entropy_training_problems(values)
+    problems += _super_patch_problems(values)
     problems += _data_source_problems(values.get("data.sources"), values.get("data.path"))
     problems += _eval_set_problems(values.get("eval.sets") or [])
     if values.get("eval.sets") and values.get("patching.mode") == "entropy" and values.get("patching.entropies"):
@@ -701,6 +716,27 @@ def _entropy_training_problems(values: dict[str, Any]) -> list[str]:
         if values.get("patching.entropies") is not None:
             problems.append("patching.entropies: precomputed entropies go stale when the entropy model trains "
                             "(entropy_model_training joint); set patching.entropies to null")  # fmt: skip
+    return problems
+
+
+def _super_patch_problems(values: dict[str, Any]) -> list[str]:
+    """Entropy-grouped super-patches sum the entropies that only entropy patching computes."""
+    if not values.get("model.blt.super_patch.enabled") or values.get("model.arch") != "blt":
+        return []
+    entropy_grouping = values.get("model.blt.super_patch.mode") == "entropy"
+    problems = []
+    if entropy_grouping and values.get("patching.mode") != "entropy":
+        problems.append(
+            f"model.blt.super_patch.mode: entropy sums next-byte entropies, which only patching.mode: entropy "
+            f"computes (got patching.mode: {values.get('patching.mode')}); set patching.mode: entropy or "
+            "model.blt.super_patch.mode: static"
+        )
+    if entropy_grouping and values.get("model.blt.super_patch.entropy_threshold") is None:
+        problems.append("model.blt.super_patch.entropy_threshold: required with model.blt.super_patch.mode: entropy "
+                        "(nats summed over a super-patch's bytes)")  # fmt: skip
+    if not entropy_grouping and values.get("model.blt.super_patch.max_patches_per_super_patch") is not None:
+        problems.append("model.blt.super_patch.max_patches_per_super_patch: applies to mode entropy only; static "
+                        "super-patches hold patches_per_super_patch patches")  # fmt: skip
     return problems
 
 

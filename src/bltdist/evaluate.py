@@ -48,7 +48,7 @@ from bltdist.model import BLT
 from bltdist.model.loss import byte_loss_sum
 from bltdist.model_dir import CONFIG_FILE
 from bltdist.patching.entropy import EntropyModel, OnlineEntropies
-from bltdist.patching.rules import patch_lengths, patch_starts
+from bltdist.patching.rules import entropy_super_patch_lengths, patch_lengths, patch_starts
 from bltdist.patching.tokens import document_tokens
 from bltdist.training.step import Reporter
 
@@ -150,7 +150,8 @@ class Evaluator:
             entropies = None if entropies is None else entropies.to(self.device)
             lengths = patch_lengths(patch_starts(inputs, self.patching.mode, entropies=entropies,
                                                  **rule_settings(self.patching)))  # fmt: skip
-            loss += float(byte_loss_sum(self.model(inputs, lengths), targets))
+            grouped = entropy_super_patch_lengths(self.model.cfg.super_patch, inputs, lengths, entropies)
+            loss += float(byte_loss_sum(self.model(inputs, lengths, super_patch_lengths=grouped), targets))
             predicted += targets.numel()
             patches += int((lengths > 0).sum())
         return {"loss": loss, "tokens": predicted, "patches": patches}

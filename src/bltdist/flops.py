@@ -38,7 +38,10 @@ def _block_params(dim: int, heads: int, kv_heads: int | None, ffn_dim: int | Non
     return 2 * dim * dim + 2 * dim * kv_dim + 3 * dim * ffn
 
 
-def blt_forward_flops_per_byte(cfg: BLTConfig, seq_len: int, avg_patch_len: float) -> float:
+def blt_forward_flops_per_byte(cfg: BLTConfig, seq_len: int, avg_patch_len: float,
+                               avg_super_patch_len: float | None = None) -> float:  # fmt: skip
+    """``avg_super_patch_len``: patches per super-patch on average (model.blt.super_patch), measured
+    where the patcher groups them (mode entropy); None = patches_per_super_patch (mode static)."""
     d, slots, a = cfg.local_dim, cfg.cross_attn_k, avg_patch_len
     kv_dim = (cfg.local_kv_heads or cfg.local_heads) * (d // cfg.local_heads)
     local_context = min(cfg.local_window or seq_len, seq_len)
@@ -63,19 +66,21 @@ def blt_forward_flops_per_byte(cfg: BLTConfig, seq_len: int, avg_patch_len: floa
     global_context = seq_len / a
     global_model = (2 * global_params + 4 * global_context * cfg.global_dim * cfg.global_layers) / a
     if cfg.super_patch.enabled:
-        global_model = (2 * global_in + super_patch_forward_flops_per_patch(cfg, global_context)) / a
+        per_patch = super_patch_forward_flops_per_patch(cfg, global_context, avg_super_patch_len)
+        global_model = (2 * global_in + per_patch) / a
 
     head = 2 * d * cfg.vocab_size
     return encoder + decoder + encoder_cross + decoder_cross + slot_projections + global_model + head
 
 
-def super_patch_forward_flops_per_patch(cfg: BLTConfig, patch_context: float) -> float:
+def super_patch_forward_flops_per_patch(cfg: BLTConfig, patch_context: float,
+                                        avg_super_patch_len: float | None = None) -> float:  # fmt: skip
     """The two-level global model (model.blt.super_patch) per patch, by the byte level's rules one
-    level up: patch-level layers and cross-attention per patch or per slot, with n =
-    patches_per_super_patch patches per super-patch (fewer where documents start), and the
-    super-patch transformer per super-patch (/ n), over a context of patch_context / n."""
+    level up: patch-level layers and cross-attention per patch or per slot, with n patches per
+    super-patch (``avg_super_patch_len``, else patches_per_super_patch, fewer where documents start),
+    and the super-patch transformer per super-patch (/ n), over a context of patch_context / n."""
     g, sp = cfg.global_dim, cfg.super_patch
-    n, slots = sp.patches_per_super_patch, sp.cross_attn_k
+    n, slots = avg_super_patch_len or sp.patches_per_super_patch, sp.cross_attn_k
     kv_dim = (cfg.global_kv_heads or cfg.global_heads) * (g // cfg.global_heads)
     block = 2 * _block_params(g, cfg.global_heads, cfg.global_kv_heads, cfg.global_ffn_dim)
     patch_layers = (sp.encoder_layers + sp.decoder_layers) * (block + 4 * patch_context * g)
@@ -99,14 +104,16 @@ def token_lm_forward_flops_per_byte(cfg: EntropyModelConfig, seq_len: int, bytes
     return byte_lm_forward_flops_per_byte(cfg, max(1, round(seq_len / bytes_per_token))) / bytes_per_token
 
 
-def training_flops_per_byte(model_cfg, seq_len: int, avg_patch_len: float) -> float:
+def training_flops_per_byte(model_cfg, seq_len: int, avg_patch_len: float,
+                            avg_super_patch_len: float | None = None) -> float:  # fmt: skip
     """3 x forward FLOPs per byte for ``model_cfg`` (a ModelConfig of any arch). ``avg_patch_len``:
-    bytes per patch for blt, bytes per BPE token for tokenlm (its tokens are its patches)."""
+    bytes per patch for blt, bytes per BPE token for tokenlm (its tokens are its patches);
+    ``avg_super_patch_len``: see ``blt_forward_flops_per_byte``."""
     if model_cfg.arch in ("entropy", "bytelm"):
         return 3 * byte_lm_forward_flops_per_byte(model_cfg.entropy, seq_len)
     if model_cfg.arch == "tokenlm":
         return 3 * token_lm_forward_flops_per_byte(model_cfg.plain_lm(), seq_len, avg_patch_len)
-    return 3 * blt_forward_flops_per_byte(model_cfg.blt, seq_len, avg_patch_len)
+    return 3 * blt_forward_flops_per_byte(model_cfg.blt, seq_len, avg_patch_len, avg_super_patch_len)
 
 
 def peak_tflops(device_name: str, override: float | None) -> float | None:

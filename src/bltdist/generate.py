@@ -4,7 +4,8 @@ Patches are decided byte by byte with the model's training rule (its config's ``
 section, the entropy model included), and every prediction is the one the training forward gives
 that position inside a longer sequence (BLT_NOTES section 7). ``generate`` runs on key/value
 caches (``bltdist.model.incremental``); ``use_cache=False`` recomputes the whole sequence with the
-training forward at every step instead, the reference the caches are tested against. New text is
+training forward at every step instead, the reference the caches are tested against (and the path
+of two-level models, `model.blt.super_patch`: the caches cover one latent level). New text is
 streamed to stdout, bytes that are not valid UTF-8 escaped; bad input exits with code 2.
 """
 
@@ -26,7 +27,7 @@ from bltdist.model.incremental import IncrementalBLT, IncrementalByteLM
 from bltdist.model_dir import CONFIG_FILE, WEIGHTS_FILE, load_pretrained
 from bltdist.patching.entropy import EntropyModel
 from bltdist.patching.online import OnlineBoundaries
-from bltdist.patching.rules import patch_lengths, patch_starts
+from bltdist.patching.rules import entropy_super_patch_lengths, patch_lengths, patch_starts
 from bltdist.patching.tokens import BOS_ID, BYTE_OFFSET, EOS_ID
 
 PROGRAM = "python -m bltdist.generate"
@@ -85,8 +86,9 @@ class RecomputeStepper:
             context, network = self.entropy_model.context, self.entropy_model.network
             chunks = [network.entropies(row[:, i : i + context]) for i in range(0, row.shape[1], context)]
             entropies = torch.cat(chunks, dim=1)
-        starts = patch_starts(row, self.patching.mode, entropies=entropies, **rule_settings(self.patching))
-        return self.model(row, patch_lengths(starts))[0, :-1]
+        lengths = patch_lengths(patch_starts(row, self.patching.mode, entropies=entropies, **rule_settings(self.patching)))
+        grouped = entropy_super_patch_lengths(self.model.cfg.super_patch, row, lengths, entropies)
+        return self.model(row, lengths, super_patch_lengths=grouped)[0, :-1]
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
@@ -121,7 +123,8 @@ def generate(
     ``model`` and the patching come from ``load_for_generation`` (or ``bltdist.load_pretrained`` plus
     the model's ``patching`` settings); ``on_bytes(i, new)`` is called as prompt i's bytes appear.
     """
-    stepper_class = CachedStepper if use_cache else RecomputeStepper
+    # The caches cover one latent level: a two-level model (model.blt.super_patch) recomputes.
+    stepper_class = CachedStepper if use_cache and not model.cfg.super_patch.enabled else RecomputeStepper
     outputs = []
     for row, prompt in enumerate(prompts):
         prompt = prompt.encode() if isinstance(prompt, str) else prompt

@@ -175,6 +175,7 @@ class Throughput:
         self.cfg, self.reporter, self.peak = cfg, Reporter(state.mesh, state.device), peak
         # tokenlm counts its BPE tokens as patches: avg_patch_len is then its bytes per token.
         self.counts_patches = state.patcher is not None or cfg.model.arch == "tokenlm"
+        self.patcher = state.patcher
         self.world_size, self.device = state.dims.world_size, state.device
         self.flops_total, self.bytes_total = 0.0, 0  # over every logged interval of this process
         self._reset()
@@ -189,13 +190,17 @@ class Throughput:
             self.loss, self.applied = self.loss + loss_sum, self.applied + 1
 
     def record(self, step: int, grad_norm: float, lr: float, skipped_steps: int) -> dict:
-        loss_total, patches_total = self.reporter.sum([self.loss, self.patches])
+        grouped = self.patcher.grouped_counts() if self.patcher is not None else [0, 0]
+        totals = self.reporter.sum([self.loss, self.patches, *grouped])
+        loss_total, patches_total, grouped_patches, super_patches = totals
         elapsed = time.perf_counter() - self.start
         step_bytes = self.cfg.train.global_batch_size * self.cfg.train.seq_len
         bytes_total = step_bytes * self.steps
         loss = loss_total / (step_bytes * self.applied) if self.applied else math.nan
         avg_patch_len = bytes_total / patches_total if self.counts_patches else None
-        flops_per_byte = training_flops_per_byte(self.cfg.model, self.cfg.train.seq_len, avg_patch_len or 1.0)
+        avg_super_patch_len = grouped_patches / super_patches if super_patches else None  # entropy-grouped only
+        flops_per_byte = training_flops_per_byte(self.cfg.model, self.cfg.train.seq_len, avg_patch_len or 1.0,
+                                                 avg_super_patch_len)  # fmt: skip
         tflops = flops_per_byte * bytes_total / elapsed / self.world_size / 1e12
         self.flops_total += flops_per_byte * bytes_total
         self.bytes_total += bytes_total
@@ -227,19 +232,21 @@ class Throughput:
 
 def data_loader(sources: list[MixtureSource], cfg: Config, state: TrainingState, shuffle: bool,
                 prefetch: int = 0) -> PackedByteLoader:  # fmt: skip
-    """This data-parallel rank's loader; it serves entropies too when patching needs them, and
-    prepares ``prefetch`` batches ahead on a background thread."""
+    """This data-parallel rank's loader; it serves entropies too when patching needs them, patch
+    lengths when they depend on the batch alone, and prepares ``prefetch`` batches ahead on a
+    background thread."""
     loader = PackedByteLoader(sources, cfg.train.seq_len, cfg.train.micro_batch_size, state.dp_rank, state.dims.dp,
                               cfg.train.seed, shuffle=shuffle, prefetch=prefetch)  # fmt: skip
-    loader.entropy_source = state.patcher.entropy_source(loader.documents) if state.patcher else None
+    patcher = state.patcher
+    loader.entropy_source = patcher.entropy_source(loader.documents) if patcher else None
+    loader.patch_lengths = patcher if patcher is not None and patcher.lengths_from_batch_alone else None
     return loader
 
 
-def next_batch(loader: PackedByteLoader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(inputs, targets, entropies or None) on ``device``; entropies when the loader has an entropy source."""
-    if loader.entropy_source is None:
-        return (*(t.to(device, non_blocking=True) for t in loader.next_batch()), None)
-    return tuple(t.to(device, non_blocking=True) for t in loader.next_batch_with_entropies())
+def next_batch(loader: PackedByteLoader, device: torch.device) -> tuple[torch.Tensor | None, ...]:
+    """(inputs, targets, entropies or None, patch lengths or None) on ``device``
+    (``PackedByteLoader.next_training_batch``)."""
+    return tuple(None if t is None else t.to(device, non_blocking=True) for t in loader.next_training_batch())
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from bltdist.train import main
 KIND, TRAINER_ARGS = sys.argv[1], sys.argv[2:]
 
 if os.environ.get("RANK") == "1":
-    serve = PackedByteLoader.next_batch
+    serve = PackedByteLoader.next_training_batch
 
     def failing_next_batch(self):
         if self._batches_served == 2:
@@ -22,6 +22,6 @@ if os.environ.get("RANK") == "1":
             raise error("simulated read failure on rank 1")
         return serve(self)
 
-    PackedByteLoader.next_batch = failing_next_batch
+    PackedByteLoader.next_training_batch = failing_next_batch
 
 main(TRAINER_ARGS)

@@ -17,10 +17,10 @@ loader finds which documents a sequence window covers and asks the source for ex
 spans, so a sequence that starts mid-document gets the same entropies as the whole document would.
 Document indexes count through the sources in order (``PackedByteLoader.documents``).
 
-With ``prefetch`` > 0 the next batches (tokens and entropies) are prepared on a background thread
-while the training step runs. Batch k is a function of k alone, so the thread computes batches
-ahead while the loader counts only those handed out: its state is always that of the batches
-consumed, and a resume repeats none and skips none of them.
+With ``prefetch`` > 0 the next batches (tokens, entropies and, with ``patch_lengths``, patch
+lengths) are prepared on a background thread while the training step runs. Batch k is a function
+of k alone, so the thread computes batches ahead while the loader counts only those handed out:
+its state is always that of the batches consumed, and a resume repeats none and skips none of them.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ from bltdist.data.documents import DocumentSet
 from bltdist.errors import DataError
 
 STATE_VERSION = 2
+# (inputs, targets, entropies or None, patch lengths or None): what the loader serves for one micro-batch.
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 SCHEDULE_BLOCK = 10_000  # sequences per repeat of the mixture schedule: weights are kept to 1/10000
 
 
@@ -67,13 +69,6 @@ class PackedStream:
         self.token_lengths = documents.token_lengths
         self.epoch_tokens = int(self.token_lengths.sum())
         self._orders: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-    def window(self, start: int, out: np.ndarray) -> None:
-        """Write stream[start : start + len(out)] into ``out``, document piece by document piece."""
-        position = 0
-        for document, lo, hi in self.pieces(start, len(out)):
-            self.documents.tokens(document, lo, hi, out[position : position + hi - lo])
-            position += hi - lo
 
     def pieces(self, start: int, length: int) -> list[tuple[int, int, int]]:
         """(document index, first token, end token) of each document piece in stream[start : start + length]."""
@@ -199,6 +194,9 @@ class PackedByteLoader:
         self._document_bases = np.cumsum([0] + [len(source.documents) for source in sources])
         self._batches_served = 0  # micro-batches served to this rank; all ranks advance in lockstep
         self.prefetch, self._prefetcher = prefetch, None
+        # (inputs, entropies or None) -> patch lengths (B, P), set when they depend on the batch alone:
+        # computed with the batch (on the prefetch thread), served by next_training_batch.
+        self.patch_lengths: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
 
     @property
     def documents(self) -> Sequence[bytes]:
@@ -247,16 +245,21 @@ class PackedByteLoader:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next micro_batch_size sequences of this rank as (inputs, targets)."""
-        inputs, targets, _ = self._next(with_entropies=False)
+        inputs, targets, _, _ = self._next(with_entropies=False)
         return inputs, targets
 
     def next_batch_with_entropies(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(inputs, targets, entropies): entropies (micro_batch_size, seq_len) float32, one per input token."""
         if self.entropy_source is None:
             raise ValueError("this loader has no entropy source; pass entropy_source to serve entropies")
-        return self._next(with_entropies=True)
+        return self._next(with_entropies=True)[:3]
 
-    def _next(self, with_entropies: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def next_training_batch(self) -> Batch:
+        """(inputs, targets, entropies, patch lengths): entropies when the loader has an entropy source,
+        patch lengths when it has ``patch_lengths``, else None."""
+        return self._next(with_entropies=self.entropy_source is not None)
+
+    def _next(self, with_entropies: bool) -> Batch:
         if not self.prefetch:
             batch = self.batch(self._batches_served, with_entropies)
         else:
@@ -277,24 +280,34 @@ class PackedByteLoader:
             self._prefetcher.close()
             self._prefetcher = None
 
-    def batch(self, index: int, with_entropies: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """This rank's ``index``-th micro-batch (inputs, targets, entropies or None); changes no state."""
+    def batch(self, index: int, with_entropies: bool) -> Batch:
+        """This rank's ``index``-th micro-batch (inputs, targets, entropies or None, patch lengths or
+        None); changes no state."""
         first_sequence = (index * self.dp_size + self.dp_rank) * self.micro_batch_size
         windows = np.empty((self.micro_batch_size, self.seq_len + 1), dtype=np.int64)
-        entropies = []
+        entropies = np.empty((self.micro_batch_size, self.seq_len), dtype=np.float32) if with_entropies else None
         for row, sequence in enumerate(range(first_sequence, first_sequence + self.micro_batch_size)):
             source, number = self.schedule.locate(sequence)
-            stream, start = self.streams[source], number * self.seq_len
-            stream.window(start, windows[row])
+            stream = self.streams[source]
+            pieces = stream.pieces(number * self.seq_len, self.seq_len + 1)
+            stream.documents.write_tokens(pieces, windows[row])
             if with_entropies:
-                base = int(self._document_bases[source])
-                entropies.extend(self.entropy_source.span(base + document, lo, hi)
-                                 for document, lo, hi in stream.pieces(start, self.seq_len))  # fmt: skip
-        sequences = torch.from_numpy(windows)
-        values = None
-        if with_entropies:
-            values = torch.from_numpy(np.concatenate(entropies)).view(self.micro_batch_size, self.seq_len)
-        return sequences[:, :-1].contiguous(), sequences[:, 1:].contiguous(), values
+                self._write_entropies(pieces, int(self._document_bases[source]), entropies[row])
+        # Copied in numpy: slicing and copying a torch tensor costs several times more Python.
+        inputs, targets = torch.from_numpy(windows[:, :-1].copy()), torch.from_numpy(windows[:, 1:].copy())
+        values = None if entropies is None else torch.from_numpy(entropies)
+        lengths = None if self.patch_lengths is None else self.patch_lengths(inputs, values)
+        return inputs, targets, values, lengths
+
+    def _write_entropies(self, pieces: list[tuple[int, int, int]], document_base: int, out: np.ndarray) -> None:
+        """The entropies of the input tokens (all but the last) of a window cut into ``pieces``."""
+        position = 0
+        for document, lo, hi in pieces:
+            count = min(hi - lo, len(out) - position)
+            if count <= 0:
+                break
+            out[position : position + count] = self.entropy_source.span(document_base + document, lo, lo + count)
+            position += count
 
     def state_dict(self) -> dict:
         """Small, JSON-serialisable and the same on every rank when ranks are in lockstep."""
@@ -349,14 +362,14 @@ class BatchPrefetcher:
     ``depth`` batches ahead of ``take``. An exception in the thread is raised by the ``take`` that
     would have returned its batch."""
 
-    def __init__(self, make_batch: Callable[[int], tuple], first: int, depth: int, with_entropies: bool):
+    def __init__(self, make_batch: Callable[[int], Batch], first: int, depth: int, with_entropies: bool):
         self.next_index, self.with_entropies = first, with_entropies
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(make_batch, first), name="bltdist-prefetch", daemon=True)
         self._thread.start()
 
-    def _run(self, make_batch: Callable[[int], tuple], index: int) -> None:
+    def _run(self, make_batch: Callable[[int], Batch], index: int) -> None:
         while not self._stop.is_set():
             try:
                 item = (make_batch(index), None)
@@ -367,7 +380,7 @@ class BatchPrefetcher:
                 return
             index += 1
 
-    def take(self) -> tuple:
+    def take(self) -> Batch:
         batch, error = self._queue.get()
         if error is not None:
             raise error

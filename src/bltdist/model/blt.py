@@ -20,13 +20,13 @@ read their own, unfinished patch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
-from bltdist.model.attention import SelfAttentionMask, check_backend
+from bltdist.model.attention import AttentionMask, SelfAttentionMask, check_backend
 from bltdist.model.hash_embedding import HashNgramEmbedding
 from bltdist.model.layers import CrossAttention, RMSNorm, TransformerBlock, rotary_table
 from bltdist.model.super_patch import SuperPatchGlobal
@@ -57,6 +57,8 @@ class PatchLayout:
     patch_mask: SelfAttentionMask
     byte_positions: torch.Tensor  # (T,) or (B, T): rotary positions of the bytes
     patch_positions: torch.Tensor  # (P,): rotary positions of the patches
+    # (B, Ps): patches per super-patch, for model.blt.super_patch.mode entropy (the patcher groups them).
+    super_patch_lengths: torch.Tensor | None = field(default=None, kw_only=True)
 
     def local_bytes(self, per_byte: torch.Tensor) -> torch.Tensor:
         """The bytes this layout covers of a (B, T, ...) tensor over the whole sequence."""
@@ -67,7 +69,8 @@ class PatchLayout:
         return patch_states
 
     @classmethod
-    def build(cls, tokens: torch.Tensor, patch_lengths: torch.Tensor, window: int | None, backend: str):
+    def build(cls, tokens: torch.Tensor, patch_lengths: torch.Tensor, window: int | None, backend: str,
+              super_patch_lengths: torch.Tensor | None = None):  # fmt: skip
         batch, seq_len = tokens.shape
         patch_lengths = patch_lengths.to(device=tokens.device, dtype=torch.long)
         patch_ends = torch.cumsum(patch_lengths, dim=1)
@@ -94,6 +97,7 @@ class PatchLayout:
             patch_mask=SelfAttentionMask(patch_docs, None, backend),
             byte_positions=torch.arange(seq_len, device=tokens.device),
             patch_positions=torch.arange(patch_lengths.shape[1], device=tokens.device),
+            super_patch_lengths=super_patch_lengths,
         )
 
 
@@ -239,6 +243,7 @@ class BLT(nn.Module):
         layout: PatchLayout | None = None,
         patch_states: torch.Tensor | None = None,
         byte_states: torch.Tensor | None = None,
+        super_patch_lengths: torch.Tensor | None = None,
     ):
         """tokens: (B, T) byte ids; patch_lengths: (B, P), each row summing to T, zero-padded on
         the right. Returns fp32 logits (B, T, vocab) predicting the next byte.
@@ -246,9 +251,12 @@ class BLT(nn.Module):
         ``layout`` replaces the one built from tokens and patch_lengths; a context-parallel layout
         makes the logits those of the rank's bytes only, (B, layout's byte count, vocab).
         A pipeline stage is a BLT without the parts other stages hold: without the encoder it starts
-        from ``patch_states`` and ``byte_states``, without the decoder it returns them."""
+        from ``patch_states`` and ``byte_states``, without the decoder it returns them.
+        ``super_patch_lengths`` (B, Ps): patches per super-patch, which model.blt.super_patch.mode entropy
+        needs (``bltdist.patching.Patcher.super_patch_lengths``), passed like ``patch_lengths``."""
         if layout is None:
-            layout = PatchLayout.build(tokens, patch_lengths, self.cfg.local_window, self.backend(tokens.device))
+            layout = PatchLayout.build(tokens, patch_lengths, self.cfg.local_window, self.backend(tokens.device),
+                                       super_patch_lengths)  # fmt: skip
         if self.encoder is not None:
             byte_states, slots = self.encoder(tokens, layout)
             patch_states = slots.flatten(-2)
@@ -261,29 +269,60 @@ class BLT(nn.Module):
         return check_backend(self.attention_backend, device)
 
 
+@dataclass
+class SequenceLayout:
+    """What a plain LM (``ByteLM``) needs to know about a batch: who attends to whom, and where.
+
+    A context-parallel shard (``bltdist.parallel.context.ContextParallelSequence``) stands in for it:
+    there ``local`` picks the rank's positions and the mask attends to keys of other ranks."""
+
+    mask: AttentionMask
+    positions: torch.Tensor  # (T,) or (B, T): rotary positions of the positions this layout covers
+
+    def local(self, per_position: torch.Tensor) -> torch.Tensor:
+        """The positions this layout covers of a (B, T, ...) tensor over the whole sequence."""
+        return per_position
+
+    @classmethod
+    def build(cls, tokens: torch.Tensor, window: int | None, backend: str) -> SequenceLayout:
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        return cls(SelfAttentionMask(document_ids(tokens), window, backend), positions)
+
+
 class ByteLM(nn.Module):
-    """The entropy model: a small causal byte LM whose next-byte entropy places patch boundaries."""
+    """The entropy model: a small causal byte LM whose next-byte entropy places patch boundaries.
+    The same network is the byte-level baseline (arch bytelm) and, over BPE ids, the BPE one (tokenlm)."""
 
     def __init__(self, cfg: EntropyModelConfig, attention_backend: str = "auto"):
         super().__init__()
         self.cfg = cfg
         self.attention_backend = attention_backend
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = _blocks(cfg.layers, cfg.dim, cfg.heads, cfg.kv_heads, cfg.ffn_dim, cfg.norm_eps)
+        blocks = _blocks(cfg.layers, cfg.dim, cfg.heads, cfg.kv_heads, cfg.ffn_dim, cfg.norm_eps)
+        # Keyed by index, so that a pipeline stage holding layers 2..3 keeps their names (layers.2, ...).
+        self.layers = nn.ModuleDict({str(i): block for i, block in enumerate(blocks)})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
     def init_weights(self, normal_=None) -> None:
         init_weights(self, self.cfg.init_std, normal_)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        backend = check_backend(self.attention_backend, tokens.device)
-        mask = SelfAttentionMask(document_ids(tokens), self.cfg.window, backend)
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
-        rope = rotary_table(positions, self.cfg.dim // self.cfg.heads, self.cfg.rope_theta)
-        h = self.embedding(tokens)
-        for layer in self.layers:
-            h = layer(h, rope, mask)
+    def forward(
+        self, tokens: torch.Tensor, layout: SequenceLayout | None = None, hidden: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """tokens: (B, T) ids -> fp32 logits (B, T, vocab) predicting the next id.
+
+        ``layout`` replaces the one built from the tokens; a context-parallel layout makes the logits
+        those of the rank's positions only. A pipeline stage is a ByteLM without the parts other
+        stages hold: without the embedding it starts from ``hidden``, without the head it returns it."""
+        if layout is None:
+            layout = SequenceLayout.build(tokens, self.cfg.window, check_backend(self.attention_backend, tokens.device))
+        rope = rotary_table(layout.positions, self.cfg.dim // self.cfg.heads, self.cfg.rope_theta)
+        h = self.embedding(layout.local(tokens)) if self.embedding is not None else hidden
+        for layer in self.layers.values():
+            h = layer(h, rope, layout.mask)
+        if self.output is None:
+            return h
         return self.output(self.norm(h)).float()
 
     @torch.no_grad()

@@ -95,7 +95,7 @@ class IncrementalByteLM:
         positions = torch.arange(first_position, first_position + len(tokens), device=self.device)
         rope = rotary_table(positions, cfg.dim // cfg.heads, cfg.rope_theta)
         h = self.model.embedding(torch.tensor([tokens], device=self.device))
-        for layer, cache in zip(self.model.layers, self.caches):
+        for layer, cache in zip(self.model.layers.values(), self.caches):
             h = layer(h, rope, cache)
         log_probs = torch.log_softmax(self.model.output(self.model.norm(h)).float(), dim=-1)
         return (-(log_probs.exp() * log_probs).sum(dim=-1))[0].tolist()

@@ -14,10 +14,14 @@ around it are unchanged. Inside, the BLT's design repeats one level up:
 
 Causality, as at the byte level: patch q reads super-patch s(q+1) - 1, the last one that ends at or
 before q (the end of the sequence counts as a boundary). It holds only patches <= q. That needs
-the first patch of every row and of every document to be a super-patch of its own, which the
-grouping rule guarantees: super-patches start at every document-start patch (a BOS, a patch of
-its own) and at the patch after it, and then every ``patches_per_super_patch`` patches; so no
-super-patch holds patches of two documents either.
+the first patch of every row and of every document to be a super-patch of its own, which every
+grouping has (``document_starts``): super-patches start at every document-start patch (a BOS, a
+patch of its own) and at the patch after it; so no super-patch holds patches of two documents
+either. Then ``mode: static`` starts one every ``patches_per_super_patch`` patches; ``mode: entropy``
+takes the patcher's grouping (``super_patch_lengths``, passed with the patch lengths), which closes a
+super-patch once the summed next-byte entropy of its bytes passes ``entropy_threshold``. Those
+entropies come from the causal entropy model, so whether patch q+1 opens a super-patch depends on
+bytes up to patch q's end only, as entropy patch boundaries do at the byte level.
 
 Super-patches are right-padded to a multiple of gcd(P, 16) rows. The trainer pads P to a multiple of
 the tensor-parallel degree, so a power-of-two degree up to 16 divides the super-patch count too, as
@@ -54,15 +58,10 @@ class SuperPatchLayout:
     super_positions: torch.Tensor  # (Ps,)
 
     @classmethod
-    def build(cls, patch_docs: torch.Tensor, patches_per_super_patch: int, backend: str) -> SuperPatchLayout:
-        """``patch_docs`` (B, P): each patch's document, -1 for padding patches (the patch layout's)."""
+    def build(cls, patch_docs: torch.Tensor, starts: torch.Tensor, backend: str) -> SuperPatchLayout:
+        """``patch_docs`` (B, P): each patch's document, -1 for padding patches (the patch layout's);
+        ``starts`` (B, P): True where a super-patch begins (``static_starts`` or ``starts_of_lengths``)."""
         batch, num_patches = patch_docs.shape
-        positions = torch.arange(num_patches, device=patch_docs.device)
-        document_start = torch.ones_like(patch_docs, dtype=torch.bool)
-        document_start[:, 1:] = patch_docs[:, 1:] != patch_docs[:, :-1]
-        last_start = torch.cummax(torch.where(document_start, positions, 0), dim=1).values
-        offset_after_start = positions - last_start - 1
-        starts = document_start | (offset_after_start % patches_per_super_patch == 0)
         super_ids = torch.cumsum(starts.long(), dim=1) - 1
         real = int(super_ids[:, -1].max()) + 1
         multiple = math.gcd(num_patches, SUPER_PATCH_ROW_MULTIPLE)
@@ -78,6 +77,42 @@ class SuperPatchLayout:
             super_mask=SelfAttentionMask(super_docs, None, backend),
             super_positions=torch.arange(num_supers, device=patch_docs.device),
         )
+
+
+def _first_patches(patch_docs: torch.Tensor) -> torch.Tensor:
+    first = torch.ones_like(patch_docs, dtype=torch.bool)
+    first[:, 1:] = patch_docs[:, 1:] != patch_docs[:, :-1]
+    return first
+
+
+def document_starts(patch_docs: torch.Tensor) -> torch.Tensor:
+    """Starts (B, P) every grouping has, which causality needs: each document's first patch (a BOS, or
+    the row's first) and the patch after it. Padding patches (document -1) start one of their own."""
+    first = _first_patches(patch_docs)
+    after_first = torch.zeros_like(first)
+    after_first[:, 1:] = first[:, :-1]
+    return first | after_first
+
+
+def static_starts(patch_docs: torch.Tensor, patches_per_super_patch: int) -> torch.Tensor:
+    """mode static: a super-patch every ``patches_per_super_patch`` patches, counted from each document start."""
+    positions = torch.arange(patch_docs.shape[1], device=patch_docs.device)
+    last_first = torch.cummax(torch.where(_first_patches(patch_docs), positions, 0), dim=1).values
+    return document_starts(patch_docs) | ((positions - last_first - 1) % patches_per_super_patch == 0)
+
+
+def starts_of_lengths(super_patch_lengths: torch.Tensor, patch_docs: torch.Tensor) -> torch.Tensor:
+    """mode entropy: the starts of the patcher's grouping, patches per super-patch (B, Ps), each row
+    summing to the row's real patches (``bltdist.patching.rules.super_patch_lengths``)."""
+    lengths = super_patch_lengths.to(device=patch_docs.device, dtype=torch.long)
+    real_patches = (patch_docs >= 0).sum(dim=1)
+    if not torch.equal(lengths.sum(dim=1), real_patches):
+        raise ValueError(f"super_patch_lengths must sum to each row's real patch count {real_patches.tolist()}, "
+                         f"got {lengths.sum(dim=1).tolist()}")  # fmt: skip
+    batch, num_patches = patch_docs.shape
+    first_patches = (lengths.cumsum(dim=1) - lengths).masked_fill(lengths == 0, num_patches)
+    starts = torch.zeros(batch, num_patches + 1, dtype=torch.bool, device=patch_docs.device)
+    return document_starts(patch_docs) | starts.scatter_(1, first_patches, True)[:, :num_patches]
 
 
 def _patch_blocks(cfg: BLTConfig, count: int) -> nn.ModuleList:
@@ -154,8 +189,7 @@ class SuperPatchGlobal(nn.Module):
 
     def forward(self, patch_inputs: torch.Tensor, layout) -> torch.Tensor:
         """patch_inputs: (B, P, S * local_dim) -> (B, P, global_dim); ``layout``: the BLT's PatchLayout."""
-        supers = SuperPatchLayout.build(layout.patch_mask.doc_ids, self.cfg.super_patch.patches_per_super_patch,
-                                        layout.patch_mask.backend)  # fmt: skip
+        supers = SuperPatchLayout.build(layout.patch_mask.doc_ids, self._starts(layout), layout.patch_mask.backend)
         h = self.in_proj(patch_inputs) if self.in_proj is not None else patch_inputs
         patch_rope = rotary_table(layout.patch_positions, self.head_dim, self.cfg.rope_theta)
         h, slots = self.patch_encoder(h, patch_rope, layout.patch_mask, supers)
@@ -165,3 +199,13 @@ class SuperPatchGlobal(nn.Module):
         for layer in self.layers.values():
             s = layer(s, super_rope, supers.super_mask)
         return self.patch_decoder(h, self.norm(s), patch_rope, layout.patch_mask, supers)
+
+    def _starts(self, layout) -> torch.Tensor:
+        sp, patch_docs = self.cfg.super_patch, layout.patch_mask.doc_ids
+        if sp.mode == "static":
+            return static_starts(patch_docs, sp.patches_per_super_patch)
+        if layout.super_patch_lengths is None:
+            raise ValueError("model.blt.super_patch.mode entropy: pass super_patch_lengths, the grouping the patcher "
+                             "computes from the entropies (bltdist.patching.Patcher.super_patch_lengths); the "
+                             "trainer does, bltdist.evaluate and bltdist.generate do not yet")  # fmt: skip
+        return starts_of_lengths(layout.super_patch_lengths, patch_docs)

@@ -156,11 +156,6 @@ class ParallelDims:
         if self.cp == 1:
             return []
         problems = []
-        if cfg.model.arch != "blt":
-            problems.append(
-                f"parallel.cp: context parallelism splits the BLT's patch sequence; model.arch {cfg.model.arch!r} "
-                "has no patches (it runs FSDP, HSDP and TP), set parallel.cp: 1"
-            )
         if cfg.train.seq_len < 2 * self.cp:
             problems.append(
                 f"train.seq_len: parallel.cp {self.cp} cuts every sequence into 2 x cp = {2 * self.cp} chunks of at "
@@ -175,17 +170,14 @@ class ParallelDims:
         parallel, problems = cfg.parallel, []
         schedule = parallel.pp_schedule
         num_stages = parallel.pp * stages_per_rank(schedule)
-        if cfg.model.arch != "blt":
-            problems.append(
-                f"parallel.pp: pipeline parallelism splits the BLT global transformer, but model.arch is "
-                f"{cfg.model.arch!r} (it runs FSDP, HSDP and TP); set parallel.pp: 1"
-            )
-        elif num_stages > cfg.model.blt.global_layers:
+        # BLT's stages split its global layers; a plain LM's (arch entropy, bytelm, tokenlm) all its layers.
+        key = "model.blt.global_layers" if cfg.model.arch == "blt" else "model.entropy.layers"
+        layers = cfg.model.blt.global_layers if cfg.model.arch == "blt" else cfg.model.entropy.layers
+        if num_stages > layers:
             problems.append(
                 f"parallel.pp: {parallel.pp} ranks x {stages_per_rank(schedule)} stage(s) per rank ({schedule}) = "
-                f"{num_stages} pipeline stages, but model.blt.global_layers is {cfg.model.blt.global_layers}; every "
-                "stage needs at least one global layer: lower parallel.pp, use a one-stage-per-rank schedule "
-                "(GPipe, 1F1B) or add global layers"
+                f"{num_stages} pipeline stages, but {key} is {layers}; every stage needs at least one of these "
+                "layers: lower parallel.pp, use a one-stage-per-rank schedule (GPipe, 1F1B) or add layers"
             )
         microbatches = self.pp_microbatches
         if cfg.train.micro_batch_size % microbatches:

@@ -7,10 +7,10 @@ from collections import deque
 import torch
 import torch.distributed as dist
 
-from bltdist.config import PatchingConfig
+from bltdist.config import PatchingConfig, SuperPatchConfig
 from bltdist.data.loader import EntropySource
 from bltdist.patching.entropy import EntropyModel, OnlineEntropies
-from bltdist.patching.rules import patch_lengths, patch_starts
+from bltdist.patching.rules import patch_lengths, patch_starts, super_patch_lengths
 
 # Bisection steps of a recalibration: the threshold interval shrinks 2**40-fold, far below float32 spacing.
 RECALIBRATION_STEPS = 40
@@ -25,9 +25,13 @@ class Patcher:
     run online. Both give the same entropies, hence the same patches.
     """
 
-    def __init__(self, cfg: PatchingConfig, device: torch.device | str = "cpu", recent_batches: int = 1):
-        """``recent_batches``: micro-batches a recalibration looks at (those of one optimizer step)."""
+    def __init__(self, cfg: PatchingConfig, device: torch.device | str = "cpu", recent_batches: int = 1,
+                 super_patch: SuperPatchConfig | None = None):  # fmt: skip
+        """``recent_batches``: micro-batches a recalibration looks at (those of one optimizer step).
+        ``super_patch``: the model's model.blt.super_patch; in mode entropy the patcher groups patches too."""
         self.cfg = cfg
+        self.super_patch = super_patch if super_patch is not None and super_patch.enabled else None
+        self.grouped = [0, 0]  # real patches and super-patches grouped since grouped_counts() last ran
         self.entropy_model = None
         self.precomputed = None
         self.threshold = cfg.threshold  # the one in use; recalibrated when cfg.target_patch_size is set
@@ -49,6 +53,13 @@ class Patcher:
     @property
     def needs_entropies(self) -> bool:
         return self.entropy_model is not None
+
+    @property
+    def lengths_from_batch_alone(self) -> bool:
+        """Whether a batch's patch lengths depend on its tokens and loader-served entropies only (no
+        jointly trained entropy model, no threshold recalibrated during training): then the loader
+        cuts them with the batch, on its prefetch thread (``PackedByteLoader.patch_lengths``)."""
+        return not self.joint and not self.holds_target
 
     def entropy_source(self, documents: list[bytes]) -> EntropySource | None:
         """Entropies of ``documents`` for a PackedByteLoader, or None when the mode needs none."""
@@ -73,6 +84,24 @@ class Patcher:
 
     def __call__(self, tokens: torch.Tensor, entropies: torch.Tensor | None = None) -> torch.Tensor:
         return patch_lengths(self.starts(tokens, entropies))
+
+    def super_patch_lengths(self, tokens: torch.Tensor, lengths: torch.Tensor,
+                            entropies: torch.Tensor | None) -> torch.Tensor | None:  # fmt: skip
+        """Patches per super-patch (B, Ps) of the patch ``lengths`` (B, P) that ``__call__`` gave, for the
+        model's ``super_patch_lengths``; None unless model.blt.super_patch.mode is entropy (the model
+        groups static super-patches itself)."""
+        if self.super_patch is None or self.super_patch.mode != "entropy":
+            return None
+        grouped = super_patch_lengths(tokens, lengths, entropies, self.super_patch.entropy_threshold,
+                                      self.super_patch.max_patches_per_super_patch)  # fmt: skip
+        self.grouped = [self.grouped[0] + int(grouped.sum()), self.grouped[1] + int((grouped > 0).sum())]
+        return grouped
+
+    def grouped_counts(self) -> list[int]:
+        """Real patches and super-patches grouped since the last call (the FLOP formula's average
+        super-patch size); [0, 0] when the patcher groups none."""
+        counts, self.grouped = self.grouped, [0, 0]
+        return counts
 
     def observe(self, tokens: torch.Tensor, entropies: torch.Tensor | None) -> None:
         """A training micro-batch, kept (the last ``recent_batches``) for the next recalibration."""

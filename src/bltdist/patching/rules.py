@@ -15,7 +15,7 @@ is also what the Hugging Face BLT port does.
 import torch
 import torch.nn.functional as F
 
-from bltdist.patching.tokens import BOS_ID, BYTE_OFFSET
+from bltdist.patching.tokens import BOS_ID, BYTE_OFFSET, document_ids
 
 PATCH_MODES = ("static", "space", "entropy")
 THRESHOLD_MODES = ("global", "monotonic")
@@ -96,6 +96,63 @@ def pad_patch_lengths(lengths: torch.Tensor, multiple: int, bucketed: bool = Fal
     count = lengths.shape[1]
     missing = (patch_count_bucket(count, multiple) if bucketed else count + -count % multiple) - count
     return F.pad(lengths, (0, missing)) if missing else lengths
+
+
+def super_patch_lengths(tokens: torch.Tensor, lengths: torch.Tensor, entropies: torch.Tensor, threshold: float,
+                        max_patches: int | None = None) -> torch.Tensor:  # fmt: skip
+    """Patches per super-patch (B, Ps) for ``model.blt.super_patch.mode: entropy``, right-padded with 0; each row
+    sums to its number of real (non-zero-length) patches of ``lengths`` (B, P).
+
+    A super-patch closes after the patch at which the summed entropies H(t) of its bytes pass
+    ``threshold`` (H(t) as in ``patch_starts``: about byte t+1, from bytes <= t), or at ``max_patches``
+    patches. Whether patch q+1 opens a new super-patch thus depends on bytes up to patch q's end
+    only, as entropy patch boundaries do one level down. Every document's first patch (its BOS, or the
+    row's first byte) is a super-patch of its own and the patch after it opens the next, so no
+    super-patch crosses a document and the model's one-step lag never reads another document.
+    Computed on the CPU from the batch alone (float64 sums), so every rank holding the batch gets
+    the same grouping."""
+    lengths = lengths.detach().cpu().long()
+    seq_len = tokens.shape[1]
+    ends = lengths.cumsum(dim=1)
+    first_bytes = (ends - lengths).clamp_max(seq_len - 1)
+    patch_docs = document_ids(tokens.detach().cpu()).gather(1, first_bytes)
+    cumulative = F.pad(entropies.detach().cpu().double().cumsum(dim=1), (1, 0))
+    patch_sums = cumulative.gather(1, ends) - cumulative.gather(1, ends - lengths)
+    rows = [
+        _group_patches(docs[:count], sums[:count], threshold, max_patches)
+        for docs, sums, count in zip(patch_docs.tolist(), patch_sums.tolist(), (lengths > 0).sum(dim=1).tolist())
+    ]
+    grouped = torch.zeros(len(rows), max(map(len, rows), default=0), dtype=torch.long)
+    for row, sizes in enumerate(rows):
+        grouped[row, : len(sizes)] = torch.tensor(sizes, dtype=torch.long)
+    return grouped.to(tokens.device)
+
+
+
+def entropy_super_patch_lengths(super_patch, tokens: torch.Tensor, lengths: torch.Tensor,
+                                entropies: torch.Tensor | None) -> torch.Tensor | None:  # fmt: skip
+    """``BLT.forward``'s ``super_patch_lengths`` under ``super_patch`` (a model.blt.super_patch section, or None):
+    the grouping by summed entropy in mode entropy, else None (the model groups static super-patches itself)."""
+    if super_patch is None or not super_patch.enabled or super_patch.mode != "entropy":
+        return None
+    return super_patch_lengths(tokens, lengths, entropies, super_patch.entropy_threshold,
+                               super_patch.max_patches_per_super_patch)  # fmt: skip
+
+
+def _group_patches(docs: list[int], sums: list[float], threshold: float, max_patches: int | None) -> list[int]:
+    """Super-patch sizes of one row's patches, by their documents and summed entropies (a sequential
+    scan: whether a super-patch closes depends on the running sum since it opened)."""
+    sizes: list[int] = []
+    total, closed = 0.0, True
+    for q, (doc, patch_sum) in enumerate(zip(docs, sums)):
+        document_start = q == 0 or doc != docs[q - 1]
+        if closed or document_start:
+            sizes.append(0)
+            total = 0.0
+        sizes[-1] += 1
+        total += patch_sum
+        closed = document_start or total > threshold or sizes[-1] == max_patches
+    return sizes
 
 
 def patch_count_bucket(count: int, multiple: int = 1) -> int:

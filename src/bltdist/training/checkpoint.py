@@ -123,6 +123,7 @@ def check_resumable(cfg: CheckpointConfig, output_dir: str | Path, run_config: d
             f"{path}: cannot resume with {', '.join(changed)}: the data position and order depend on them; "
             "resume with the checkpoint's values, or start a new output_dir (with checkpoint.init_from for its weights)"
         )
+    _check_entropy_model_training(path, metadata["config"], run_config)
     saved = metadata["tensors"]["model"]
     problems = [f"missing tensor {name}" for name in model.state_dict() if name not in saved]
     problems += [
@@ -138,6 +139,28 @@ def check_resumable(cfg: CheckpointConfig, output_dir: str | Path, run_config: d
             "resume with the model.* settings of that checkpoint (its config is in the metadata) "
             "or start a new output_dir"
         )
+
+
+def _check_entropy_model_training(path: Path, saved_config: dict, run_config: dict) -> None:
+    """A switch of patching.entropy_model_training is refused either way. joint -> frozen would patch
+    with patching.entropy_model, not the entropy model the checkpoint trained; frozen -> joint has no
+    entropy optimizer or schedule to resume, and a fresh one mid-run makes a run that no uninterrupted
+    run reproduces. Both are a new run started from the checkpoint's consolidated model."""
+    saved = saved_config.get("patching", {}).get("entropy_model_training", "frozen")
+    wanted = run_config["patching"]["entropy_model_training"]
+    if saved == wanted:
+        return
+    if saved == "joint":
+        why = ("its entropy model trained alongside the BLT, and frozen patching would use patching.entropy_model "
+               "instead; to freeze the trained one, `python -m bltdist.convert consolidate` the checkpoint and start "
+               "a new output_dir with checkpoint.init_from set to the consolidated directory and "
+               "patching.entropy_model to its entropy_model subdirectory")  # fmt: skip
+    else:
+        why = ("it holds no entropy model optimizer or schedule to resume; to train the entropy model from here, "
+               "`python -m bltdist.convert consolidate` the checkpoint and start a new output_dir with "
+               "checkpoint.init_from set to the consolidated directory and patching.entropy_model_training: joint")  # fmt: skip
+    raise UserError(f"{path}: cannot resume with patching.entropy_model_training {saved} -> {wanted}: {why}; "
+                    f"or resume with patching.entropy_model_training: {saved}")  # fmt: skip
 
 
 def _check_shard_files(path: Path, metadata: dict) -> None:

@@ -87,11 +87,15 @@ def build_training_state(cfg: Config, world_size: int | None = None) -> Training
     optimizer = build_optimizer(model_parts, cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     accum = dims.grad_accum_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size)
-    patcher = Patcher(cfg.patching, device, recent_batches=accum) if cfg.model.arch == "blt" else None
+    patcher = None
+    if cfg.model.arch == "blt":
+        patcher = Patcher(cfg.patching, device, recent_batches=accum, super_patch=cfg.model.blt.super_patch)
     entropy_training = EntropyTraining(cfg, patcher, mesh, device) if patcher is not None else None
     # With FSDP, its mixed-precision policy casts parameters to bf16; autocast covers the rest.
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and not dims.uses_fsdp)
     tokenizer = load_run_tokenizer(cfg) if cfg.model.arch == "tokenlm" else None
-    stepper = Stepper(model_parts, dims, mesh, patcher, cfg.train, cfg.model.blt.local_window, autocast, device,
-                      tokenizer, entropy_training)  # fmt: skip
+    # The byte attention's window: the local layers' for BLT, the whole network's for a plain LM.
+    window = cfg.model.blt.local_window if cfg.model.arch == "blt" else cfg.model.entropy.window
+    stepper = Stepper(model_parts, dims, mesh, patcher, cfg.train, window, autocast, device, tokenizer,
+                      entropy_training)  # fmt: skip
     return TrainingState(device, dims, mesh, model_parts, parameter_count, optimizer, scheduler, patcher, stepper)

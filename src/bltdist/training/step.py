@@ -23,7 +23,7 @@ from bltdist.config import TrainConfig
 from bltdist.errors import TrainingDiverged
 from bltdist.model.loss import byte_loss_sum
 from bltdist.parallel import Meshes, ParallelDims
-from bltdist.parallel.context import ContextParallelLayout
+from bltdist.parallel.context import ContextParallelLayout, ContextParallelSequence
 from bltdist.parallel.grads import clip_grad_norm, first_nonfinite_gradient
 from bltdist.parallel.pipeline import BLTPipeline
 from bltdist.patching.patcher import Patcher
@@ -65,26 +65,30 @@ class Stepper:
         for part in self.model_parts:
             part.train(mode)
 
-    def forward_backward(self, tokens, targets, entropies) -> tuple[float, int]:
+    def forward_backward(self, tokens, targets, entropies, patch_lengths=None) -> tuple[float, int]:
         """Summed byte cross-entropy (nats) of this rank's bytes of the micro-batch (0 on ranks
         without a loss), and the number of real patches it counts (each patch counted once).
-        ``entropies``: the tokens' next-byte entropies for entropy patching, else None."""
-        return self._run(tokens, targets, entropies, backward=True)
+        ``entropies``: the tokens' next-byte entropies for entropy patching, else None.
+        ``patch_lengths``: the patcher's lengths when the loader cut them with the batch, else None
+        (cut here)."""
+        return self._run(tokens, targets, entropies, patch_lengths, backward=True)
 
     @torch.no_grad()
-    def evaluate(self, tokens, targets, entropies) -> float:
-        return self._run(tokens, targets, entropies, backward=False)[0]
+    def evaluate(self, tokens, targets, entropies, patch_lengths=None) -> float:
+        return self._run(tokens, targets, entropies, patch_lengths, backward=False)[0]
 
-    def _run(self, tokens, targets, entropies, backward: bool) -> tuple[float, int]:
-        lengths, num_patches = None, tokens.numel()
+    def _run(self, tokens, targets, entropies, patch_lengths, backward: bool) -> tuple[float, int]:
+        lengths, super_lengths, num_patches = None, None, tokens.numel()
         if self.tokenizer is not None:  # a BPE token is the tokenlm's patch: counted as one
             tokens, targets, num_patches = self.tokenizer.encode_rows(tokens, targets)
+            num_patches = num_patches if self.counts_patches else 0
         if self.patcher is not None:
             if self.entropy_training is not None and self.entropy_training.joint:
                 entropies = self.entropy_training.entropies(tokens, targets, backward)
             if backward:
                 self.patcher.observe(tokens, entropies)
-            lengths = self.patcher(tokens, entropies)
+            lengths = self.patcher(tokens, entropies) if patch_lengths is None else patch_lengths
+            super_lengths = self.patcher.super_patch_lengths(tokens, lengths, entropies)
             num_patches = int((lengths > 0).sum()) if self.counts_patches else 0
             lengths = pad_patch_lengths(lengths, self.patch_multiple, bucketed=self.bucket_patches)
         with self.autocast:
@@ -94,17 +98,20 @@ class Stepper:
                 else:
                     loss_sum = self.pipeline.evaluate(tokens, lengths, targets)
                 return (0.0 if loss_sum is None else float(loss_sum)), num_patches
-            loss_sum = self._loss_sum(tokens, lengths, targets)
+            loss_sum = self._loss_sum(tokens, lengths, targets, super_lengths)
         if backward:
             (loss_sum / self.loss_divisor).backward()
         return float(loss_sum.detach()), num_patches
 
-    def _loss_sum(self, tokens, lengths, targets) -> torch.Tensor:
+    def _loss_sum(self, tokens, lengths, targets, super_lengths) -> torch.Tensor:
         (model,) = self.model_parts
         if lengths is None:  # a plain LM over bytes or BPE tokens, without patches
-            return byte_loss_sum(model(tokens), targets)
-        if self.cp_group is None:
-            return byte_loss_sum(model(tokens, lengths), targets)
+            if self.cp_group is None:
+                return byte_loss_sum(model(tokens), targets)
+            sequence = ContextParallelSequence.build(tokens, self.local_window, self.cp_group)
+            return byte_loss_sum(model(tokens, sequence), sequence.local_targets(targets))
+        if self.cp_group is None:  # super_lengths: entropy-grouped super-patches (cp refuses super-patches)
+            return byte_loss_sum(model(tokens, lengths, super_patch_lengths=super_lengths), targets)
         layout = ContextParallelLayout.build(tokens, lengths, self.local_window, self.cp_group)
         return byte_loss_sum(model(tokens, lengths, layout=layout), layout.local_targets(targets))
 
@@ -112,8 +119,8 @@ class Stepper:
 def optimizer_step(stepper: Stepper, next_batch, accum: int, dims: ParallelDims, optimizer, scheduler,
                    grad_clip: float, timer) -> tuple[float, int, float]:  # fmt: skip
     """One optimizer step over ``accum`` micro-batches from ``next_batch()`` ((tokens, targets,
-    entropies) on the device); returns this rank's summed loss, the patches it counts, and the
-    gradient norm before clipping. A non-finite norm (NaN or infinite gradients, or loss on any
+    entropies, patch lengths) on the device, the last two possibly None); returns this rank's summed
+    loss, the patches it counts, and the gradient norm before clipping. A non-finite norm (NaN or infinite gradients, or loss on any
     rank) leaves the parameters, the optimizer and the gradients as they are for the caller to judge."""
     loss_sum, patches = 0.0, 0
     for micro in range(accum):

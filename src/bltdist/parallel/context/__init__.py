@@ -17,10 +17,13 @@ The loss of a rank is the cross-entropy of its own bytes (``layout.local_targets
 the cp ranks it is the single-process loss, and the gradients add up likewise, so a trainer whose
 FSDP averages over dp_shard x cp multiplies the loss by cp before backward (as torchtitan does).
 
+The plain LMs (arch entropy, bytelm, tokenlm) split the same way, every byte or token a patch of its
+own (``ContextParallelSequence``): their attention is the ring, or the halo under a sliding window.
+
 Not done yet: fused kernels for the ring blocks and the halo attention; overlap of the halo
 exchange with compute.
 """
 
-from bltdist.parallel.context.layout import ContextParallelLayout, chunk_width, own_targets
+from bltdist.parallel.context.layout import ContextParallelLayout, ContextParallelSequence, chunk_width, own_targets
 
-__all__ = ["ContextParallelLayout", "chunk_width", "own_targets"]
+__all__ = ["ContextParallelLayout", "ContextParallelSequence", "chunk_width", "own_targets"]

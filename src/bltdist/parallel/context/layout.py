@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from bltdist.model.attention import SelfAttentionMask
-from bltdist.model.blt import PatchLayout
+from bltdist.model.blt import PatchLayout, SequenceLayout
 from bltdist.model.loss import IGNORE_INDEX
 from bltdist.parallel.context.comms import AllGatherChunkTails
 from bltdist.parallel.context.halo import HaloByteMask, gather_rows, halo_plan
@@ -110,6 +110,37 @@ class ContextParallelLayout(PatchLayout):
         first, second = patch_states[:, : self.chunk], patch_states[:, self.chunk :]
         before_first, before_second = last_by_chunk[rank - 1], last_by_chunk[2 * size - 2 - rank]
         return torch.cat([before_first[:, None], first, before_second[:, None], second], dim=1)
+
+
+@dataclass
+class ContextParallelSequence(SequenceLayout):
+    """One cp rank's share of a plain LM's micro-batch (arch entropy, bytelm, tokenlm), in the shape
+    ``ByteLM.forward(..., layout=)`` reads.
+
+    Each position (a byte, or a BPE token) is a patch of its own, so the 2 x cp chunks of
+    ``ContextParallelLayout`` split the positions evenly and the rank's positions are the bytes of its
+    chunks. Attention is that layout's: ring attention over the whole sequence (the global
+    transformer's), or with a window shorter than the sequence the local layers' halo exchange."""
+
+    index: torch.Tensor  # (B, 2 * width): global position of each local one (0 for padding)
+    valid: torch.Tensor  # (B, 2 * width): False on padding
+
+    @classmethod
+    def build(cls, tokens: torch.Tensor, window: int | None, group, width: int | None = None) -> SequenceLayout:
+        """This rank's layout of the tokens (B, T) that every rank of ``group`` (the cp group) passes
+        identically; ``window``: the model's. ``width`` as in ``ContextParallelLayout.build``."""
+        shard = ContextParallelLayout.build(tokens, torch.ones_like(tokens), window, group, width)
+        windowed = window is not None and window < tokens.shape[1]
+        # With one position per patch, local patches and local bytes are the same rows, in the same order.
+        mask = shard.byte_mask if windowed else shard.patch_mask
+        return cls(mask, shard.byte_positions, shard.byte_index, shard.byte_valid)
+
+    def local(self, per_position: torch.Tensor) -> torch.Tensor:
+        return gather_rows(per_position, self.index)
+
+    def local_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        """This rank's next-position targets, IGNORE_INDEX on padding."""
+        return torch.where(self.valid, torch.gather(targets, 1, self.index), IGNORE_INDEX)
 
 
 def _chunks(patch_lengths: torch.Tensor, num_chunks: int, device) -> tuple[torch.Tensor, ...]:

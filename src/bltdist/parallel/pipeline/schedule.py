@@ -75,9 +75,9 @@ class BLTPipeline:
     def step(
         self, tokens: torch.Tensor, patch_lengths: torch.Tensor, targets: torch.Tensor, loss_divisor: float
     ) -> torch.Tensor | None:
-        """Forward and backward of this rank's batch (B, T) through the pipeline; gradients
-        accumulate into the parts' parameters. Returns the summed byte cross-entropy of the batch
-        (detached) on the rank holding the last stage, None elsewhere."""
+        """Forward and backward of this rank's batch (B, T) through the pipeline (``patch_lengths``
+        None for a plain LM's stages); gradients accumulate into the parts' parameters. Returns the
+        summed byte cross-entropy of the batch (detached) on the rank holding the last stage, None elsewhere."""
         return self._run(tokens, patch_lengths, targets, loss_divisor, training=True)
 
     def evaluate(self, tokens: torch.Tensor, patch_lengths: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
@@ -100,9 +100,12 @@ class BLTPipeline:
     def _run(self, tokens, patch_lengths, targets, loss_divisor: float, training: bool) -> torch.Tensor | None:
         if tokens.shape[0] % self.n_microbatches:
             raise ValueError(f"batch of {tokens.shape[0]} rows does not split into {self.n_microbatches} microbatches")
-        patch_lengths = pad_patch_lengths(patch_lengths, self.patch_bucket)
         losses: list[torch.Tensor] = []
-        batch = dict(target=targets, losses=losses, tokens=tokens, patch_lengths=patch_lengths)
+        batch = dict(target=targets, losses=losses, tokens=tokens)
+        if patch_lengths is None:  # a plain LM: under cp each position is a patch of one byte or token
+            patch_lengths = torch.ones_like(tokens)
+        else:
+            patch_lengths = batch["patch_lengths"] = pad_patch_lengths(patch_lengths, self.patch_bucket)
         local_bytes = tokens.shape[1]
         if self.cp_group is not None:
             # Every microbatch pads its chunks to the longest chunk of the whole batch (an int
@@ -162,10 +165,6 @@ class BLTPipeline:
         schedule_class = SCHEDULES[self.schedule_name]
         stage_arg = stages[0] if stages_per_rank(self.schedule_name) == 1 else stages
         return schedule_class(stage_arg, self.n_microbatches, loss_fn=self._loss, scale_grads=False)
-
-
-def _no_weight_step():
-    return lambda: None
 
 
 def _no_weight_step():

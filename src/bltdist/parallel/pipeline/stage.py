@@ -1,4 +1,5 @@
-"""Pipeline stages: a BLT without the parts other stages hold, called the way torch pipelining calls it.
+"""Pipeline stages: a BLT (or a plain LM, ``ByteLMStage``) without the parts other stages hold, called
+the way torch pipelining calls it.
 
 The global layers are cut into contiguous stages; the first stage also holds the local encoder
 (and the global in_proj), the last the local decoder with the head (and the global final norm).
@@ -19,8 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from bltdist.model.blt import BLT
-from bltdist.parallel.context import ContextParallelLayout
+from bltdist.model.blt import BLT, ByteLM
+from bltdist.parallel.context import ContextParallelLayout, ContextParallelSequence
 from bltdist.parallel.dims import V_SHAPED_SCHEDULES, stages_per_rank
 
 
@@ -141,15 +142,45 @@ class BLTStage(BLT):
         return self.carry.send(patch_states, byte_states) if self.is_first else patch_states
 
 
-def split_model(model: BLT, pp_rank: int, pp_size: int, schedule: str,
-                cp_group: dist.ProcessGroup | None = None) -> list[BLTStage]:  # fmt: skip
+class ByteLMStage(ByteLM):
+    """The parts of a plain LM (arch entropy, bytelm, tokenlm) that one pipeline stage runs, the
+    others None: the embedding on the first stage, the layers cut like BLT's global layers, the norm
+    and head on the last. Only the hidden states travel; the tokens come as a keyword, as in BLTStage.
+    With a ``cp_group`` the stage runs this cp rank's positions of every microbatch."""
+
+    carry = None  # every stage's input is the previous stage's output: nothing bypasses a stage
+
+    def __init__(self, model: ByteLM, stage_index: int, num_stages: int, layers: range,
+                 cp_group: dist.ProcessGroup | None):  # fmt: skip
+        with torch.device("meta"):
+            super().__init__(model.cfg, model.attention_backend)  # a skeleton whose parts are replaced below
+        self.stage_index, self.num_stages = stage_index, num_stages
+        self.is_first, self.is_last = stage_index == 0, stage_index == num_stages - 1
+        self.cp_group = cp_group
+        self.embedding = model.embedding if self.is_first else None
+        self.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in layers})
+        self.norm = model.norm if self.is_last else None
+        self.output = model.output if self.is_last else None
+
+    def forward(self, *hidden: torch.Tensor, tokens: torch.Tensor, cp_width: int | None = None) -> torch.Tensor:
+        layout = None
+        if self.cp_group is not None:
+            layout = ContextParallelSequence.build(tokens, self.cfg.window, self.cp_group, cp_width)
+        return super().forward(tokens, layout, *hidden)  # the first stage receives no hidden states
+
+
+def split_model(model: BLT | ByteLM, pp_rank: int, pp_size: int, schedule: str,
+                cp_group: dist.ProcessGroup | None = None) -> list[BLTStage | ByteLMStage]:  # fmt: skip
     """The stages rank ``pp_rank`` runs, in schedule order. Parameters of other ranks' stages stay
     in ``model`` but belong to no stage; optimise only the stages' parameters. ``cp_group``: the
     rank's context-parallel group when parallel.cp > 1, else None."""
     num_stages = pp_size * stages_per_rank(schedule)
+    indices = stage_indices(pp_rank, pp_size, schedule)
+    if isinstance(model, ByteLM):
+        layers = layer_split(len(model.layers), num_stages)
+        return [ByteLMStage(model, index, num_stages, layers[index], cp_group) for index in indices]
     layers = layer_split(len(model.global_model.layers), num_stages)
     # The V puts the first and the last stage on rank 0: there the byte states stay on the rank.
     v_shaped = schedule in V_SHAPED_SCHEDULES
     carry = ByteStateCarry() if v_shaped and pp_rank == 0 else None
-    indices = stage_indices(pp_rank, pp_size, schedule)
     return [BLTStage(model, index, num_stages, layers[index], v_shaped, carry, cp_group) for index in indices]
