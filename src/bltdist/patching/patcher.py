@@ -10,7 +10,7 @@ import torch.distributed as dist
 from bltdist.config import PatchingConfig, SuperPatchConfig
 from bltdist.data.loader import EntropySource
 from bltdist.patching.entropy import EntropyModel, OnlineEntropies
-from bltdist.patching.rules import patch_lengths, patch_starts, super_patch_lengths
+from bltdist.patching.rules import entropy_super_patch_lengths, patch_lengths, patch_starts
 
 # Bisection steps of a recalibration: the threshold interval shrinks 2**40-fold, far below float32 spacing.
 RECALIBRATION_STEPS = 40
@@ -90,10 +90,9 @@ class Patcher:
         """Patches per super-patch (B, Ps) of the patch ``lengths`` (B, P) that ``__call__`` gave, for the
         model's ``super_patch_lengths``; None unless model.blt.super_patch.mode is entropy (the model
         groups static super-patches itself)."""
-        if self.super_patch is None or self.super_patch.mode != "entropy":
+        grouped = entropy_super_patch_lengths(self.super_patch, tokens, lengths, entropies)
+        if grouped is None:
             return None
-        grouped = super_patch_lengths(tokens, lengths, entropies, self.super_patch.entropy_threshold,
-                                      self.super_patch.max_patches_per_super_patch)  # fmt: skip
         self.grouped = [self.grouped[0] + int(grouped.sum()), self.grouped[1] + int((grouped > 0).sum())]
         return grouped
 
