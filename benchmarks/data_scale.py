@@ -226,20 +226,8 @@ def measure(sizes_gb: list[float], args: argparse.Namespace) -> list[dict]:
 
 
 def targets(points: list[dict]) -> dict:
-    """The issue's targets between the smallest and the largest size."""
-    small, large = points[0], points[-1]
-    memory = max(abs(b - a) for a, b in zip(small["train"]["peak_rss_gb_per_rank"], large["train"]["peak_rss_gb_per_rank"]))
-    anonymous = max(abs(b - a) for a, b in zip(small["train"]["peak_rss_anon_gb_per_rank"],
-                                               large["train"]["peak_rss_anon_gb_per_rank"]))  # fmt: skip
-    startup = abs(large["train"]["seconds_to_first_step"] / small["train"]["seconds_to_first_step"] - 1)
-    result = {
-        "memory_difference_mb": {"measured": memory * 1e3, "target": TARGETS["memory_difference_mb"],
-                                 "met": memory * 1e3 <= TARGETS["memory_difference_mb"]},
-        "anonymous_memory_difference_mb": {"measured": anonymous * 1e3, "target": TARGETS["memory_difference_mb"],
-                                           "met": anonymous * 1e3 <= TARGETS["memory_difference_mb"]},
-        "startup_difference": {"measured": startup, "target": TARGETS["startup_difference"],
-                               "met": startup <= TARGETS["startup_difference"]},
-    }  # fmt: skip
+    """The issue's targets between the smallest and the largest size (the differences only with two sizes or more)."""
+    result = {} if len(points) < 2 else differences(points[0], points[-1])
     for seq_len, micro_batch_size in LOADER_SHAPES:  # the slowest rank of any size, per shape
         shape = f"{seq_len}x{micro_batch_size}"
         for kind in ("bytes_per_s_per_rank", "bytes_per_cpu_s_per_rank"):
@@ -248,6 +236,21 @@ def targets(points: list[dict]) -> dict:
                 "measured": slowest, "target": TARGETS["loader_mb_per_s_per_rank"],
                 "met": slowest >= TARGETS["loader_mb_per_s_per_rank"]}  # fmt: skip
     return result
+
+
+def differences(small: dict, large: dict) -> dict:
+    memory = max(abs(b - a) for a, b in zip(small["train"]["peak_rss_gb_per_rank"], large["train"]["peak_rss_gb_per_rank"]))
+    anonymous = max(abs(b - a) for a, b in zip(small["train"]["peak_rss_anon_gb_per_rank"],
+                                               large["train"]["peak_rss_anon_gb_per_rank"]))  # fmt: skip
+    startup = abs(large["train"]["seconds_to_first_step"] / small["train"]["seconds_to_first_step"] - 1)
+    return {
+        "memory_difference_mb": {"measured": memory * 1e3, "target": TARGETS["memory_difference_mb"],
+                                 "met": memory * 1e3 <= TARGETS["memory_difference_mb"]},
+        "anonymous_memory_difference_mb": {"measured": anonymous * 1e3, "target": TARGETS["memory_difference_mb"],
+                                           "met": anonymous * 1e3 <= TARGETS["memory_difference_mb"]},
+        "startup_difference": {"measured": startup, "target": TARGETS["startup_difference"],
+                               "met": startup <= TARGETS["startup_difference"]},
+    }  # fmt: skip
 
 
 def main() -> None:
