@@ -14,15 +14,19 @@ import argparse
 import dataclasses
 import math
 import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from bltdist.atomic import atomic_write
 from bltdist.config import Config, ParallelConfig, load_config, parse_args
 from bltdist.errors import ConfigError, UserError
 from bltdist.memtrack import PeakTensorMemory
 from bltdist.model.layers import CrossAttention, TransformerBlock
 from bltdist.parallel import ParallelDims
+from bltdist.tokenizer import TOKENIZER_FILE, train_bpe
 from bltdist.training.parallelize import meta_model
 from bltdist.training.state import build_training_state
 
@@ -81,7 +85,13 @@ def _probe_activation_bytes(cfg: Config, layers: dict[str, int], seq_len: int) -
     )  # fmt: skip
     for key, count in layers.items():
         setattr(_section(probe), key, count)
-    state = build_training_state(probe, world_size=1)
+    with tempfile.TemporaryDirectory() as scratch:
+        probe.output_dir = scratch
+        if cfg.model.arch == "tokenlm":
+            # The probe's random bytes would meet few merges of a trained tokenizer; the 256 single
+            # bytes alone make one token per byte: the most positions per byte, an upper bound.
+            atomic_write(Path(scratch) / TOKENIZER_FILE, train_bpe([], cfg.model.tokenlm.vocab_size).to_str())
+        state = build_training_state(probe, world_size=1)
     for parameter in state.parameters:
         # Gradients are states, estimated separately: drop each as soon as it is complete.
         parameter.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
@@ -116,11 +126,13 @@ class ActivationModel:
 
     def bytes_per_rank(self, cfg: Config, layout: ParallelDims, pipeline_microbatches: int) -> float:
         section = _section(cfg)
-        rows_bytes = cfg.train.micro_batch_size * cfg.train.seq_len / layout.cp
         layers = sum(self.per_layer_per_byte[key] * getattr(section, key) for key in self.per_layer_per_byte)
-        in_flight = min(layout.pp, pipeline_microbatches)
-        stage_layers = layers / layout.pp * in_flight
-        return rows_bytes * (self.base_per_byte + stage_layers / layout.tp)
+        # A pipeline microbatch is 1 / pipeline_microbatches of the micro-batch; GPipe runs every
+        # forward before the first backward, the other schedules at most one per stage ahead.
+        gpipe = layout.pp > 1 and cfg.parallel.pp_schedule == "GPipe"
+        in_flight = pipeline_microbatches if gpipe else min(layout.pp, pipeline_microbatches)
+        rows_in_flight = cfg.train.micro_batch_size * in_flight / pipeline_microbatches
+        return rows_in_flight * cfg.train.seq_len / layout.cp * (self.base_per_byte + layers / layout.pp / layout.tp)
 
 
 @dataclass
@@ -221,10 +233,8 @@ def layout_config(cfg: Config, layout: ParallelDims) -> tuple[ParallelDims, Conf
         dims = ParallelDims.from_config(candidate, layout.world_size)
     except ConfigError:
         return None
-    section = _section(cfg)
-    fewest_layers = min(getattr(section, key) for key in _layer_keys(cfg))
-    if layout.pp > fewest_layers or (layout.cp > 1 and cfg.train.seq_len % (2 * layout.cp * layout.tp)):
-        return None  # a stage needs layers of each kind; CP cuts each sequence into 2 x cp chunks
+    if layout.cp > 1 and cfg.train.seq_len % (2 * layout.cp * layout.tp):
+        return None  # CP cuts each sequence into 2 x cp chunks (ParallelDims checks each stage's layers)
     return dims, candidate
 
 

@@ -13,7 +13,10 @@ F the one closest to the reference's width/depth ratio wins. Steps = budget / (F
 
 Entropy patching needs an entropy model: the tool trains a small one (``--entropy-dim``, same
 steps and data; its FLOPs are reported, not charged to the budget, as in the paper) and calibrates
-the threshold for each target average patch length (``python -m bltdist.patch calibrate``).
+the threshold for each target average patch length (``python -m bltdist.patch calibrate``). Each
+entropy-patched BLT starts from that threshold and holds its target (``patching.target_patch_size``,
+recalibrated RECALIBRATIONS times per run from the training batches): a small entropy model's
+entropies vary little, so a fixed threshold calibrated on one sample misses the target on another.
 ``--no-entropy`` leaves those models out. Runs live in OUT/runs/<model> (``--jobs`` at a time); a
 model whose run has a summary.json is not trained again, a calibrated threshold not calibrated again.
 Results: OUT/scaling.json, scaling.md and scaling.png
@@ -43,6 +46,7 @@ from bltdist.training.parallelize import meta_model
 PROGRAM = "bltdist-scaling"
 MATCH_TOLERANCE = 0.05  # shapes within this share of the target FLOPs per byte count as matched
 WIDTH_STEP = 16  # widths searched: multiples of this; heads of 32 channels where they fit, else of 16
+RECALIBRATIONS = 20  # times an entropy-patched BLT recalibrates its threshold to its target patch size per run
 
 
 def heads_for(dim: int) -> int:
@@ -116,7 +120,9 @@ def plan_models(args: argparse.Namespace, reference: Model, entropy: dict[float,
     patchings += [(f"blt_entropy_{size:g}", size, [
         "--patching.mode=entropy", f"--patching.entropy_model={args.out / 'runs' / 'entropy_model' / 'model'}",
         f"--patching.threshold={threshold!r}", "--patching.threshold_mode=global",
-        f"--patching.max_patch_length={args.max_patch_length}"]) for size, threshold in entropy.items()]  # fmt: skip
+        f"--patching.max_patch_length={args.max_patch_length}", f"--patching.target_patch_size={size}",
+        f"--patching.recalibrate_interval={max(1, args.steps // RECALIBRATIONS)}"])
+        for size, threshold in entropy.items()]  # fmt: skip
     for name, size, patching in patchings:
         def blt_cost(dim, layers, size=size, patching=patching):
             return flops_per_byte([*base, *blt_shape(args, dim, layers), *patching], args.seq_len, size)

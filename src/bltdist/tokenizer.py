@@ -4,7 +4,9 @@ and how a packed byte row becomes a row of BPE tokens that covers exactly the sa
 Training: on the run's training split only, documents in their stored order, each source giving its
 weight's share of ``model.tokenlm.sample_bytes`` (whole documents), so the same data and config give
 a byte-identical ``tokenizer.json``. The run keeps it as ``output_dir/tokenizer.json`` (written once,
-read again on resume, never retrained) and the model directory carries a copy.
+read again on resume, never retrained; ``tokenizer_origin.json`` beside it records the sample's digest,
+so a resume whose training split or settings changed stops before the start) and the model directory
+carries a copy.
 
 Bytes: every byte is first mapped to a printable character (GPT-2's table), so any byte string,
 valid UTF-8 or not, is text to the tokenizer, and the 256 single bytes are all in the vocabulary.
@@ -23,6 +25,9 @@ Rows are right-padded to the batch's longest, rounded up to ``TOKEN_BUCKET``; pa
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -38,6 +43,7 @@ from bltdist.model.loss import IGNORE_INDEX
 from bltdist.patching.tokens import BOE_ID, BYTE_OFFSET
 
 TOKENIZER_FILE = "tokenizer.json"
+ORIGIN_FILE = "tokenizer_origin.json"  # what the run's tokenizer was made from, checked on resume
 SPECIAL_IDS = BYTE_OFFSET  # ids below this are BOE/padding, BOS, EOS and one reserved id
 TOKEN_BUCKET = 16
 
@@ -164,21 +170,78 @@ class BPETokenizer:
 
 
 def prepare_run_tokenizer(cfg: Config, train_sources) -> Path:
-    """``output_dir/tokenizer.json`` of a tokenlm run: kept when it exists (a resumed run), copied from
-    ``checkpoint.init_from`` when that model directory has one, else trained on the training split.
-    Every rank may call it: training is deterministic and the file is written atomically."""
+    """``output_dir/tokenizer.json`` of a tokenlm run: copied from ``checkpoint.init_from`` when that model
+    directory has one, else trained on the training split. ``tokenizer_origin.json`` beside it says what
+    it was made from; a run that finds both (a resume) keeps the tokenizer only when it would make the
+    same one now, and otherwise stops with a UserError naming what changed.
+    Every rank may call it: training is deterministic and the files are written atomically, the origin first."""
     path = Path(cfg.output_dir) / TOKENIZER_FILE
+    inherited = Path(cfg.checkpoint.init_from or "") / TOKENIZER_FILE
+    copied = bool(cfg.checkpoint.init_from) and inherited.is_file()
+    sample = [] if copied else training_sample(train_sources, cfg.model.tokenlm.sample_bytes)
+    origin = {"copied_from": str(inherited)} if copied else sample_origin(cfg, sample)
     if path.is_file():
+        check_origin(path, origin)
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    inherited = Path(cfg.checkpoint.init_from or "") / TOKENIZER_FILE
-    if cfg.checkpoint.init_from and inherited.is_file():
+    atomic_write(path.with_name(ORIGIN_FILE), json.dumps(origin, indent=2) + "\n")
+    if copied:
         with atomic_file(path) as staging:
             shutil.copyfile(inherited, staging)
-        return path
-    tokenizer = train_bpe(training_sample(train_sources, cfg.model.tokenlm.sample_bytes), cfg.model.tokenlm.vocab_size)
-    atomic_write(path, tokenizer.to_str())
+    else:
+        atomic_write(path, train_bpe(sample, cfg.model.tokenlm.vocab_size).to_str())
     return path
+
+
+def sample_origin(cfg: Config, sample: list[bytes]) -> dict:
+    """What a tokenizer trained on ``sample`` is made from: the vocabulary size and the sample's digest
+    decide it; the settings that chose the sample are kept to name what changed."""
+    digest = hashlib.sha256()
+    for document in sample:  # lengths too: BPE never merges across documents
+        digest.update(len(document).to_bytes(8, "little") + document)
+    settings = {"model.tokenlm.vocab_size": cfg.model.tokenlm.vocab_size,
+                "model.tokenlm.sample_bytes": cfg.model.tokenlm.sample_bytes, "data.path": cfg.data.path,
+                "data.sources": [dataclasses.asdict(source) for source in cfg.data.sources],
+                "data.val_fraction": cfg.data.val_fraction}  # fmt: skip
+    return {"vocab_size": cfg.model.tokenlm.vocab_size, "sample_sha256": digest.hexdigest(),
+            "sample_documents": len(sample), "sample_length": sum(map(len, sample)), "settings": settings}  # fmt: skip
+
+
+def check_origin(path: Path, origin: dict) -> None:
+    """A UserError unless the kept tokenizer at ``path`` was made from ``origin``."""
+    origin_path = path.with_name(ORIGIN_FILE)
+    advice = ("resume with the data, model.tokenlm and checkpoint.init_from settings it was made from, or start a "
+              f"new output_dir (before the run's first checkpoint, deleting {path.name} and {ORIGIN_FILE} trains it again)")  # fmt: skip
+    try:
+        saved = json.loads(origin_path.read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{path}: kept from before, but {origin_path} (what it was made from) is missing or "
+                        f"unreadable, so this run cannot tell it fits its training split; {advice}") from None  # fmt: skip
+    changes = origin_changes(saved, origin)
+    if changes:
+        raise UserError(f"{path}: cannot be reused, it was made from other text or settings ({'; '.join(changes)}); "
+                        + advice)  # fmt: skip
+
+
+def origin_changes(saved: dict, current: dict) -> list[str]:
+    """What differs between the origin a tokenizer was made from and the one this run would make it from;
+    empty when both make the same tokenizer."""
+    decisive = ("copied_from", "vocab_size", "sample_sha256")
+    if all(saved.get(key) == current.get(key) for key in decisive):
+        return []
+    if "copied_from" in saved or "copied_from" in current:
+        def made(origin):
+            return f"a copy of {origin['copied_from']}" if "copied_from" in origin else "trained on the training split"
+
+        return [f"{made(saved)} -> {made(current)}"]
+    was = saved.get("settings", {})
+    changes = [f"{name} {was.get(name)!r} -> {value!r}" for name, value in current["settings"].items()
+               if was.get(name) != value]  # fmt: skip
+    if saved.get("sample_sha256") != current["sample_sha256"]:
+        changes.append(f"training sample of {saved.get('sample_documents')} documents, {saved.get('sample_length')} "
+                       f"bytes, sha256 {str(saved.get('sample_sha256'))[:12]} -> {current['sample_documents']} "
+                       f"documents, {current['sample_length']} bytes, sha256 {current['sample_sha256'][:12]}")  # fmt: skip
+    return changes
 
 
 def load_run_tokenizer(cfg: Config) -> BPETokenizer:
