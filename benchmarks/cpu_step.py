@@ -17,6 +17,13 @@ benchmarks/results/cpu_step-<device>-<date>.json and prints ``ratio_vs_hf=X`` as
 
 from __future__ import annotations
 
+import os
+
+# The hash tables' dense gradient (6 x 500002 x 256 fp32, 3 GB) is allocated afresh every step on
+# CPU (no caching allocator): on 4 KiB pages its first touch cost 1.8-4 s a step on this machine,
+# on transparent huge pages 0.3-0.6 s. torch reads this when it first allocates a large block.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 import argparse
 import statistics
 import sys
@@ -126,8 +133,10 @@ def main() -> None:
         F.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
         reference.zero_grad(set_to_none=True)
 
+    load_before = os.getloadavg()[0]
     times = interleaved_seconds({"bltdist": our_step, "matmul": matmul_step(), "transformers": hf_step},
                                 args.iters, args.warmup)  # fmt: skip
+    load_after = os.getloadavg()[0]
     medians = {name: statistics.median(values) for name, values in times.items()}
     step_bytes = BATCH * SEQ_LEN
     avg_patch_len = step_bytes / int((lengths > 0).sum())
@@ -140,6 +149,10 @@ def main() -> None:
               "iters": args.iters, "warmup": args.warmup, "schedule": "interleaved rounds, medians"}  # fmt: skip
     result = {
         "threads": torch.get_num_threads(),
+        "thp_mem_alloc_enable": os.environ["THP_MEM_ALLOC_ENABLE"],
+        # Other work on the machine slows both models and the matmul alike, but not exactly equally.
+        "load_average_1min_before": load_before,
+        "load_average_1min_after": load_after,
         "transformers": transformers.__version__,
         "seconds_per_step": medians["bltdist"],
         "hf_seconds_per_step": medians["transformers"],
