@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_parallel import train_lines, weights_at, write_corpus
+from test_parallel import assert_first_step_weights_match, train_lines, write_corpus
 from test_plan import measured_peaks
 from test_train import run_trainer
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -29,8 +29,6 @@ from bltdist.parallel import ParallelDims
 from bltdist.patching.tokens import BYTE_OFFSET
 from bltdist.plan import ActivationModel, count_parameters, estimate, layout_config, plan
 from bltdist.tokenizer import ORIGIN_FILE, BPETokenizer, prepare_run_tokenizer, train_bpe
-from bltdist.training.optim import lr_factor
-from bltdist.training.parallelize import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = [
@@ -210,25 +208,6 @@ def test_parallel_layouts_match_one_process(layout, single_process_run, tmp_path
                      if "val_bpb" in line]  # fmt: skip
     assert [v["val_bpb"] for v in val] == pytest.approx([v["val_bpb"] for v in val_reference], rel=1e-5)
     assert_first_step_weights_match(reference, out)
-
-
-def assert_first_step_weights_match(reference: Path, out: Path) -> None:
-    """As tests/test_parallel.py compares them: Adam's first update is about lr * sign(g), so where
-    it saturated (|g| >> eps) the weights are compared tightly, elsewhere within twice the lr."""
-    cfg = load_config(str(reference / "config.yaml"), [])
-    single, parallel = weights_at(reference, 1), weights_at(out, 1)
-    assert parallel.keys() == single.keys()
-    initial = build_model(cfg.model, cfg.train.seed, None, torch.device("cpu")).state_dict()
-    lr = cfg.optim.lr * lr_factor(0, cfg.optim, cfg.train.steps)
-    compared = 0
-    for name, tensor in single.items():
-        decayed = initial[name] * (1 - lr * cfg.optim.weight_decay) if tensor.ndim >= 2 else initial[name]
-        well_conditioned = ((decayed - tensor) / lr).abs() > 0.999
-        compared += int(well_conditioned.sum())
-        torch.testing.assert_close(parallel[name][well_conditioned], tensor[well_conditioned], rtol=1e-5, atol=1e-7,
-                                   msg=lambda m: f"{name} where its first step is well conditioned: {m}")  # fmt: skip
-        torch.testing.assert_close(parallel[name], tensor, rtol=0, atol=2.01 * lr, msg=lambda m: f"{name}: {m}")
-    assert compared > 0.5 * sum(t.numel() for t in single.values())
 
 
 def corpus_of(run: Path) -> Path:

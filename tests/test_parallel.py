@@ -86,12 +86,17 @@ def assert_matches_reference(reference: Path, out: Path) -> None:
         # Adam hides a wrongly scaled gradient in the weights; the global gradient norm does not.
         for key in ("loss", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-5), f"{key} at step {a['step']}: {b[key]} vs {a[key]}"
+    assert_first_step_weights_match(reference, out)
+
+
+def assert_first_step_weights_match(reference: Path, out: Path) -> None:
+    """Weights after step 1 of a run against its single-process ``reference`` run."""
     single, parallel = weights_at(reference, 1), weights_at(out, 1)
     assert parallel.keys() == single.keys()
     # Adam's first update is lr * g / (|g| + eps), about lr * sign(g): where |g| is near eps the
     # summation order of any machine flips it. Where the update saturated (|g| >> eps) it is well
     # conditioned and compared tightly; elsewhere a step can differ by at most twice the lr.
-    cfg = load_config(None, [*MODEL, *TRAIN])
+    cfg = load_config(str(reference / "config.yaml"), [])
     initial = build_model(cfg.model, cfg.train.seed, None, torch.device("cpu")).state_dict()
     lr = cfg.optim.lr * lr_factor(0, cfg.optim, cfg.train.steps)
     compared = 0
