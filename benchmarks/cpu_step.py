@@ -8,7 +8,10 @@ iterations.
 
 The machine may be shared, so the two models alternate step by step (with an fp32 2048^3 matmul
 between them, the yardstick of what these cores do) and every figure is a median over --iters
-rounds: load that comes and goes hits both sides alike. Model FLOP/s count by bltdist's formula
+rounds: load that comes and goes hits both sides alike. Each round also runs both models with their
+hash n-gram tables frozen: the dense gradient of those 3M x 256 rows (allocated and zero-filled every
+step, identical work in both models) is then left out, which shows how much of a step it costs and
+how fast the rest of the model runs (``*_without_hash_grad``). Model FLOP/s count by bltdist's formula
 (``bltdist.flops``, 3 x forward) for both models, which compute the same function. Writes
 benchmarks/results/cpu_step-<device>-<date>.json and prints ``ratio_vs_hf=X`` as its last line.
 
@@ -103,6 +106,19 @@ def matmul_step():
     return lambda: torch.mm(a, b)
 
 
+def without_hash_grad(step, table: torch.nn.Parameter):
+    """``step`` with the hash table frozen: the same forward, no table gradient."""
+
+    def frozen_step():
+        table.requires_grad_(False)
+        try:
+            step()
+        finally:
+            table.requires_grad_(True)
+
+    return frozen_step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=7)
@@ -134,8 +150,14 @@ def main() -> None:
         reference.zero_grad(set_to_none=True)
 
     load_before = os.getloadavg()[0]
-    times = interleaved_seconds({"bltdist": our_step, "matmul": matmul_step(), "transformers": hf_step},
-                                args.iters, args.warmup)  # fmt: skip
+    steps = {
+        "bltdist": our_step,
+        "bltdist_without_hash_grad": without_hash_grad(our_step, ours.encoder.hash_embedding.weight),
+        "matmul": matmul_step(),
+        "transformers": hf_step,
+        "transformers_without_hash_grad": without_hash_grad(hf_step, reference.model.encoder_hash_tok_embedding.weight),
+    }
+    times = interleaved_seconds(steps, args.iters, args.warmup)
     load_after = os.getloadavg()[0]
     medians = {name: statistics.median(values) for name, values in times.items()}
     step_bytes = BATCH * SEQ_LEN
@@ -168,6 +190,10 @@ def main() -> None:
         "hf_model_gflops_per_sec": step_flops / medians["transformers"] / 1e9,
         "matmul_fp32_2048_gflops_per_sec": matmul_gflops,
         "fraction_of_matmul": our_gflops / matmul_gflops,
+        "seconds_per_step_without_hash_grad": medians["bltdist_without_hash_grad"],
+        "hf_seconds_per_step_without_hash_grad": medians["transformers_without_hash_grad"],
+        "ratio_vs_hf_without_hash_grad": medians["transformers_without_hash_grad"] / medians["bltdist_without_hash_grad"],
+        "fraction_of_matmul_without_hash_grad": step_flops / medians["bltdist_without_hash_grad"] / 1e9 / matmul_gflops,
         "seconds_per_round": times,
     }
     out = write_results("cpu_step", "cpu", config, result, out=args.out)
@@ -175,6 +201,10 @@ def main() -> None:
           f"{our_gflops:.1f} GFLOP/s = {result['fraction_of_matmul']:.0%} of the fp32 matmul's "
           f"{matmul_gflops:.1f}", file=sys.stderr)  # fmt: skip
     print(f"transformers: {result['hf_bytes_per_sec']:.0f} bytes/s ({medians['transformers']:.3f} s/step)",
+          file=sys.stderr)  # fmt: skip
+    print(f"hash tables frozen: bltdist {medians['bltdist_without_hash_grad']:.3f} s/step "
+          f"({result['fraction_of_matmul_without_hash_grad']:.0%} of the matmul), transformers "
+          f"{medians['transformers_without_hash_grad']:.3f} s/step, ratio {result['ratio_vs_hf_without_hash_grad']:.2f}",
           file=sys.stderr)  # fmt: skip
     print(f"results: {out}", file=sys.stderr)
     print(f"ratio_vs_hf={result['ratio_vs_hf']:.2f}")
