@@ -107,7 +107,7 @@ def test_slurm_never_takes_a_loopback_address_for_the_head_node(fake_slurm):
     assert result.returncode == 2 and "non-loopback address" in result.stderr, result.stderr
 
 
-RDZV_TIMEOUT = 8
+RDZV_TIMEOUT = 4  # short: each case waits it out (twice for an unreachable node 0)
 # Starting torchrun (importing torch) on a loaded 2-core machine can take a minute or more on top of
 # the wait; a rendezvous that ignored RDZV_TIMEOUT would wait torchrun's default, 600 s or more.
 STARTUP_ALLOWANCE = 240
@@ -277,8 +277,11 @@ def test_a_stop_signal_to_single_node_saves_a_checkpoint_and_exits_0(sig, run_di
 def test_a_trainer_that_does_not_stop_is_ended_and_the_script_exits_non_zero(how, run_dir):
     """Trainer processes that cannot finish their step (stopped here with SIGSTOP) are ended when
     BLTDIST_SHUTDOWN_GRACE runs out or on a second signal: torchrun gets SIGTERM, its SIGKILL follows
-    30 s later, the script exits non-zero, no checkpoint, nothing left running."""
-    env = {"NPROC_PER_NODE": "2", "BLTDIST_SHUTDOWN_GRACE": "3" if how == "grace-over" else "600"}
+    (30 s later by default; after 1 s here, where torch >= 2.12 reads TORCH_ELASTIC_SHUTDOWN_TIMEOUT,
+    since the stopped processes cannot exit sooner anyway), the script exits non-zero, no checkpoint,
+    nothing left running."""
+    env = {"NPROC_PER_NODE": "2", "BLTDIST_SHUTDOWN_GRACE": "3" if how == "grace-over" else "600",
+           "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "1"}  # fmt: skip
     proc = start("single_node.sh", LONG_RUN, env, run_dir)
     wait_until(lambda: len(trainer_processes(str(run_dir))) == 2, proc, run_dir, "trainer processes", TRAINING_TIMEOUT)
     for pid in trainer_processes(str(run_dir)):
