@@ -14,7 +14,7 @@ from bltdist.config import BLTConfig
 from bltdist.model import BLT
 from bltdist.patching.rules import pad_patch_lengths, patch_count_bucket, patch_lengths, patch_starts
 from test_parallel import train_lines
-from test_train import REPO, run_trainer
+from test_train import REPO
 
 # configs/tiny_static.yaml on shorter sequences: every compiled variant is built within the 20 steps.
 TINY = ["configs/tiny_static.yaml", "--train.seq_len=128", "--train.steps=20", "--logging.interval=1",
@@ -53,43 +53,57 @@ def test_bucket_padding_leaves_the_logits_unchanged():
     torch.testing.assert_close(model(tokens, padded), model(tokens, lengths), rtol=1e-5, atol=1e-5)
 
 
+LAYOUTS = {
+    "1 process": (1, []),
+    "dp_shard=2 x tp=2": (4, ["--parallel.dp_shard=2", "--parallel.tp=2", "--train.micro_batch_size=2"]),
+}  # fmt: skip
+
+
+class BackgroundRun:
+    """A trainer run started in the background, its output in files beside output_dir."""
+
+    def __init__(self, out: Path, nproc: int, args: list[str]):
+        self.out = out
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+        command = [sys.executable, *launcher, "-m", "bltdist.train", *TINY, *args, f"--output_dir={out}"]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        with open(f"{out}.stderr", "w") as stderr:
+            self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=env, cwd=REPO)
+
+    def finished(self) -> tuple[Path, str]:
+        """output_dir and stderr once the run ended well."""
+        returncode = self.proc.wait(timeout=1800)
+        stderr = Path(f"{self.out}.stderr").read_text()
+        assert returncode == 0, stderr[-4000:]
+        return self.out, stderr
+
+
 @pytest.fixture(scope="module")
-def eager_reference(tmp_path_factory):
-    """The eager run both layouts are compared with: one process, started in the background, since a
-    one-process run uses one core of the two and so overlaps the compiled one-process run. One
-    reference serves both layouts: the eager losses of dp_shard=2 x tp=2 and of one process agree to
-    about 1e-6 over these 20 steps (test_parallel proves the layout itself), far inside the 1e-4
-    asked of the compiled runs."""
-    out = tmp_path_factory.mktemp("eager")
-    command = [sys.executable, "-m", "bltdist.train", *TINY, "--train.compile=false", f"--output_dir={out}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    with open(out.parent / f"{out.name}.stderr", "w+") as stderr:
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=env, cwd=REPO)
-
-        def finished() -> Path:
-            returncode = proc.wait(timeout=1800)
-            stderr.seek(0)
-            assert returncode == 0, stderr.read()[-4000:]
-            return out
-
-        yield finished
-        if proc.poll() is None:  # a failed test left it running
-            proc.kill()
-            proc.wait()
+def runs(tmp_path_factory):
+    """Every run of the tests below, started together: the compiled run of each layout and the eager
+    run both are compared with. The one-process runs use one core each, so together they use the
+    machine's cores where one after the other they would leave one idle. One eager reference serves
+    both layouts: the eager losses of dp_shard=2 x tp=2 and of one process agree to about 1e-6 over
+    these 20 steps (test_parallel proves the layout itself), far inside the 1e-4 asked of the
+    compiled runs."""
+    root = tmp_path_factory.mktemp("runs")
+    started = {"eager": BackgroundRun(root / "eager", 1, ["--train.compile=false"])}
+    for layout, (nproc, parallel_args) in LAYOUTS.items():
+        compiled_args = [*parallel_args, "--train.compile=true"]
+        started[layout] = BackgroundRun(root / layout.replace(" ", "_"), nproc, compiled_args)
+    yield started
+    for run in started.values():  # what a failed test left running
+        if run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.wait()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout, nproc, parallel_args", [
-    ("1 process", 1, []),
-    ("dp_shard=2 x tp=2", 4, ["--parallel.dp_shard=2", "--parallel.tp=2", "--train.micro_batch_size=2"]),
-])  # fmt: skip
-def test_compiled_training_matches_eager_with_a_bounded_number_of_recompilations(layout, nproc, parallel_args,
-                                                                                eager_reference, tmp_path):  # fmt: skip
-    compiled_dir = tmp_path / "compiled"
-    result = run_trainer([*TINY, *parallel_args, "--train.compile=true", f"--output_dir={compiled_dir}"], nproc, 1800)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "recompile_limit" not in result.stderr, result.stderr[-4000:]
-    eager_dir = eager_reference()
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_compiled_training_matches_eager_with_a_bounded_number_of_recompilations(layout, runs):
+    compiled_dir, stderr = runs[layout].finished()
+    assert "recompile_limit" not in stderr, stderr[-4000:]
+    eager_dir, _ = runs["eager"].finished()
     eager, compiled = train_lines(eager_dir), train_lines(compiled_dir)
     assert len(eager) == len(compiled) == 20
     for a, b in zip(eager, compiled):

@@ -67,18 +67,6 @@ def corpus(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus"), 12)
 
 
-def train_single_process(corpus: Path, out: Path, micro_batch_size: int) -> Path:
-    args = [*MODEL, *TRAIN, f"--train.micro_batch_size={micro_batch_size}", f"--data.path={corpus}"]
-    result = run([*args, f"--output_dir={out}"], 1)
-    assert result.returncode == 0, result.stderr
-    return out
-
-
-@pytest.fixture(scope="module")
-def reference(corpus, tmp_path_factory) -> Path:
-    return train_single_process(corpus, tmp_path_factory.mktemp("single"), 4)
-
-
 def assert_matches_reference(reference: Path, out: Path) -> None:
     expected, got = train_lines(reference), train_lines(out)
     assert len(got) == len(expected) == 5
@@ -135,44 +123,67 @@ def timeout_for(nproc: int) -> int:
     return 900 if nproc > 8 else 600
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_matches_single_process(layout, corpus, reference, tmp_path):
-    nproc, parallel_args = LAYOUTS[layout]
-    micro = 8 // data_parallel_size(layout, nproc) // 2
-    args = [*MODEL, *TRAIN, f"--train.micro_batch_size={micro}", *parallel_args]
-    result = run([*args, f"--data.path={corpus}", f"--output_dir={tmp_path}"], nproc, timeout_for(nproc))
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert_matches_reference(reference, tmp_path)
-
-
 def data_parallel_size(layout: str, nproc: int) -> int:
     return nproc // math.prod(2 for dim in ("tp=2", "cp=2", "pp=2") if dim in layout)
 
 
-def run_gradients(out: Path, parallel_args: list[str], nproc: int, data_parallel: int) -> dict[str, torch.Tensor]:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+def gradients_command(out: Path, parallel_args: list[str], nproc: int, data_parallel: int) -> list[str]:
+    """tests/workers/gradients.py: one batch's gathered gradients, saved to ``out``."""
     launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     micro = 4 // data_parallel  # one micro-batch per rank: a pipeline splits it into microbatches
     args = [*MODEL, "--train.seq_len=64", "--train.global_batch_size=4", f"--train.micro_batch_size={micro}",
             *parallel_args]  # fmt: skip
-    command = [sys.executable, *launcher, str(REPO / "tests" / "workers" / "gradients.py"), str(out), *args]
+    return [sys.executable, *launcher, str(REPO / "tests" / "workers" / "gradients.py"), str(out), *args]
+
+
+def run_gradients(out: Path, parallel_args: list[str], nproc: int, data_parallel: int) -> dict[str, torch.Tensor]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = gradients_command(out, parallel_args, nproc, data_parallel)
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_for(nproc), env=env, cwd=REPO)
     assert result.returncode == 0, result.stderr[-4000:]
     return torch.load(out)
 
 
+REFERENCE = "1 process"
+
+
 @pytest.fixture(scope="module")
-def reference_gradients(tmp_path_factory) -> dict[str, torch.Tensor]:
-    return run_gradients(tmp_path_factory.mktemp("grads") / "single.pt", [], 1, 1)
+def launched(corpus, tmp_path_factory):
+    """Each layout (and the one-process reference) launched once for both of its tests: the worker
+    saves one batch's gathered gradients (grads.pt), then the same processes train 5 steps (run/).
+    Start-up is most of a launch of up to 16 processes on a few cores; it is paid once."""
+    results = {}
+
+    def launched_layout(layout: str) -> Path:
+        if layout not in results:
+            nproc, parallel_args = LAYOUTS[layout] if layout != REFERENCE else (1, [])
+            data_parallel = data_parallel_size(layout, nproc)
+            out = tmp_path_factory.mktemp("layout")
+            train = [*MODEL, *TRAIN, f"--train.micro_batch_size={8 // data_parallel // 2}", *parallel_args,
+                     f"--data.path={corpus}", f"--output_dir={out / 'run'}"]  # fmt: skip
+            command = [*gradients_command(out / "grads.pt", parallel_args, nproc, data_parallel), "train", *train]
+            env = dict(os.environ, OMP_NUM_THREADS="1")
+            results[layout] = out, subprocess.run(command, capture_output=True, text=True,
+                                                  timeout=2 * timeout_for(nproc), env=env, cwd=REPO)  # fmt: skip
+        out, result = results[layout]
+        assert result.returncode == 0, result.stderr[-4000:]
+        return out
+
+    return launched_layout
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_gradients_match_single_process(layout, reference_gradients, tmp_path):
+def test_layout_matches_single_process(layout, launched):
+    assert_matches_reference(launched(REFERENCE) / "run", launched(layout) / "run")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_gradients_match_single_process(layout, launched):
     """Every parameter's gradient of one global batch, gathered, against one process."""
-    nproc, parallel_args = LAYOUTS[layout]
-    grads = run_gradients(tmp_path / "grads.pt", parallel_args, nproc, data_parallel_size(layout, nproc))
+    reference_gradients = torch.load(launched(REFERENCE) / "grads.pt")
+    grads = torch.load(launched(layout) / "grads.pt")
     assert grads.keys() == reference_gradients.keys()
     for name, expected in reference_gradients.items():
         scale = float(expected.abs().max())
@@ -182,7 +193,10 @@ def test_layout_gradients_match_single_process(layout, reference_gradients, tmp_
 @pytest.fixture(scope="module")
 def one_big_micro_batch(corpus, tmp_path_factory) -> Path:
     """One process, the whole global batch of 8 sequences in one micro-step."""
-    return train_single_process(corpus, tmp_path_factory.mktemp("big"), 8)
+    out = tmp_path_factory.mktemp("big")
+    result = run([*MODEL, *TRAIN, "--train.micro_batch_size=8", f"--data.path={corpus}", f"--output_dir={out}"], 1)
+    assert result.returncode == 0, result.stderr
+    return out
 
 
 ACCUMULATION = {

@@ -31,10 +31,11 @@ def test_closest_shape_takes_the_nearest_when_nothing_matches():
 @pytest.mark.slow
 def test_tiny_study_trains_every_model_and_writes_its_report(tmp_path):
     out = tmp_path / "study"
+    # Two runs at a time (--jobs 2): each is one single-threaded process, and the machine has 2 cores.
     command = [sys.executable, "-m", "bltdist.scaling", "--budget", "2e9", "--out", str(out), "--seq-len", "64",
                "--batch", "2", "--dim", "64", "--layers", "1", "--vocab-size", "300", "--local-dim", "16",
                "--entropy-dim", "32", "--entropy-layers", "1", "--entropy-patch-sizes", "4.5", "--val-batches", "1",
-               "--calibration-bytes", "20000"]  # fmt: skip
+               "--calibration-bytes", "20000", "--jobs", "2"]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=1200, check=False)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -1,7 +1,11 @@
 """Worker for tests/test_parallel.py: one forward+backward of the trainer's parallelised model on a
-fixed batch; rank 0 saves every parameter's full gradient (gathered) to the path in argv[1].
+fixed batch; rank 0 saves every parameter's full gradient (gathered) to the path in argv[1]. With
+``train`` and trainer arguments after the overrides, the same processes then run the trainer in the
+process group already started: one launch proves a layout's gradients and its training, and the
+start-up, most of a many-process run on a few cores, is paid once.
 
-Run as ``torchrun ... gradients.py OUT [--config overrides]`` or as a plain single process.
+Run as ``torchrun ... gradients.py OUT [--config overrides] [train TRAINER_ARGS]`` or as a plain
+single process.
 """
 
 import sys
@@ -12,7 +16,8 @@ from torch.distributed.tensor import DTensor
 
 from bltdist.config import load_config
 from bltdist.parallel.grads import clean_name
-from bltdist.training.state import build_training_state
+from bltdist.train import main as train
+from bltdist.training.state import TrainingState, build_training_state
 
 
 def fixed_batch(cfg) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,8 +31,7 @@ def fixed_batch(cfg) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def main() -> None:
-    out, overrides = sys.argv[1], sys.argv[2:]
+def save_gradients(out: str, overrides: list[str]) -> TrainingState:
     cfg = load_config(None, overrides)
     state = build_training_state(cfg)
     tokens, targets = fixed_batch(cfg)
@@ -45,7 +49,18 @@ def main() -> None:
         grads = {name: grad for stage in stages for name, grad in stage.items()}
     if state.rank == 0:
         torch.save(grads, out)
-    state.close()
+    return state
+
+
+def main() -> None:
+    out, args = sys.argv[1], sys.argv[2:]
+    then_train = "train" in args
+    overrides, trainer_args = (args[: args.index("train")], args[args.index("train") + 1 :]) if then_train else (args, [])
+    state = save_gradients(out, overrides)
+    if then_train:
+        train(trainer_args)  # builds its own state in this process group, and ends the group
+    else:
+        state.close()
 
 
 if __name__ == "__main__":

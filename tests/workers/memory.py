@@ -1,6 +1,9 @@
 """Worker for tests/test_plan.py: measures the peak tensor memory of training steps of the trainer's
 parallelised model (``bltdist.memtrack`` definition) and has rank 0 write every rank's peak as JSON
-to argv[1]. Run as ``torchrun ... memory.py OUT [--config overrides]`` or as one process."""
+to argv[1]. Run as ``torchrun ... memory.py OUT [--config overrides]`` or as one process; more
+measurements, each of its own config, follow after ``next``: ``memory.py OUT1 [...] next OUT2 [...]``,
+one after the other in the same processes (start-up is most of a launch of several processes on a
+few cores). Each counts only its own tensors: the measurements do not see each other."""
 
 import json
 import sys
@@ -11,11 +14,10 @@ import torch.distributed as dist
 from bltdist.config import load_config, parse_args
 from bltdist.memtrack import PeakTensorMemory
 from bltdist.parallel.grads import clip_grad_norm
-from bltdist.training.state import build_training_state
+from bltdist.training.state import TrainingState, build_training_state
 
 
-def main() -> None:
-    out, overrides = sys.argv[1], sys.argv[2:]
+def measure(out: str, overrides: list[str]) -> TrainingState:
     cfg = load_config(*parse_args(overrides))
     state = build_training_state(cfg)
     dims, model_parts, optimizer, stepper = state.dims, state.model_parts, state.optimizer, state.stepper
@@ -53,6 +55,17 @@ def main() -> None:
     if state.rank == 0:
         with open(out, "w") as f:
             json.dump({"peak_bytes_per_rank": peaks, "peak_phase_per_rank": phases}, f)
+    return state
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    measurements = []
+    while "next" in args:
+        measurements.append(args[: args.index("next")])
+        args = args[args.index("next") + 1 :]
+    for out, *overrides in [*measurements, args]:
+        state = measure(out, overrides)  # the process group started by the first serves them all
     state.close()
 
 
