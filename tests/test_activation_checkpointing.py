@@ -5,12 +5,13 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 from test_parallel import MODEL, REPO, run_gradients, train_lines
-from test_train import run_trainer
+from test_train import run_trainers_together
 
 CHECKPOINTING = "--train.activation_checkpointing=true"
 
@@ -34,9 +35,11 @@ def test_losses_equal_the_run_without_checkpointing(tmp_path):
     args = [*MODEL, "--train.seq_len=64", "--train.global_batch_size=4", "--train.micro_batch_size=2",
             "--train.steps=3", "--logging.interval=1", "--train.val_interval=0", "--train.val_batches=1",
             "--checkpoint.interval=0"]  # fmt: skip
+    runs = {"plain": [], "checkpointed": [CHECKPOINTING]}
+    results = run_trainers_together([([*args, *extra, f"--output_dir={tmp_path / name}"], 1)
+                                     for name, extra in runs.items()])  # fmt: skip
     lines = {}
-    for name, extra in (("plain", []), ("checkpointed", [CHECKPOINTING])):
-        result = run_trainer([*args, *extra, f"--output_dir={tmp_path / name}"], 1)
+    for name, result in zip(runs, results):
         assert result.returncode == 0, result.stderr[-4000:]
         lines[name] = train_lines(tmp_path / name)
     assert len(lines["plain"]) == 3
@@ -56,8 +59,9 @@ def peak_bytes(out, extra: list[str]) -> int:
 
 @pytest.mark.slow
 def test_checkpointing_lowers_the_peak_tensor_memory(tmp_path):
-    plain = peak_bytes(tmp_path / "plain.json", [])
-    checkpointed = peak_bytes(tmp_path / "checkpointed.json", [CHECKPOINTING])
+    with ThreadPoolExecutor(2) as pool:  # one process each, side by side; each counts only its own tensors
+        plain, checkpointed = pool.map(peak_bytes, [tmp_path / "plain.json", tmp_path / "checkpointed.json"],
+                                       [[], [CHECKPOINTING]])  # fmt: skip
     print(f"peak tensor memory: {plain / 2**20:.2f} MiB without, {checkpointed / 2**20:.2f} MiB with checkpointing")
     # Seven blocks each keep their input instead of about a dozen activations of the same size.
     assert checkpointed < 0.8 * plain

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -148,22 +149,38 @@ def damage_remove(step_dir: Path) -> Path:
     return shard
 
 
-@pytest.mark.parametrize(
-    "damage, extra, message",
-    [
-        (damage_truncate, [], "truncated"),
-        (damage_flip_bytes, [], "checksum"),
-        (damage_remove, [], "missing shard"),
-        (None, ["--model.blt.global_dim=32"], "different model"),
-    ],
-)
-def test_bad_checkpoint_exits_2_naming_the_file_and_changes_nothing(reference, corpus, tmp_path, damage, extra, message):
-    out = tmp_path / "run"
-    shutil.copytree(reference, out)
-    step_dir = out / "checkpoints" / "step_9"
-    named = damage(step_dir) if damage else step_dir / "metadata.json"
-    before = tree_digest(out)
-    result = launch("single", [f"--data.path={corpus}", f"--output_dir={out}", "--checkpoint.resume=auto", *extra])
+BAD_CHECKPOINTS = {
+    "truncated": (damage_truncate, []),
+    "checksum": (damage_flip_bytes, []),
+    "missing shard": (damage_remove, []),
+    "different model": (None, ["--model.blt.global_dim=32"]),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_checkpoint_runs(reference, corpus, tmp_path_factory) -> dict[str, tuple]:
+    """message -> (output_dir, the file the error must name, its tree digest before, the result): each
+    case resumes a damaged copy of the reference; all at once, each is mostly start-up on one core."""
+    cases = {}
+    for message, (damage, extra) in BAD_CHECKPOINTS.items():
+        out = tmp_path_factory.mktemp("bad_checkpoint") / "run"
+        shutil.copytree(reference, out)
+        step_dir = out / "checkpoints" / "step_9"
+        named = damage(step_dir) if damage else step_dir / "metadata.json"
+        cases[message] = out, named, tree_digest(out), extra
+
+    def resume(case: tuple) -> subprocess.CompletedProcess:
+        out, _, _, extra = case
+        return launch("single", [f"--data.path={corpus}", f"--output_dir={out}", "--checkpoint.resume=auto", *extra])
+
+    with ThreadPoolExecutor(len(cases)) as pool:
+        results = list(pool.map(resume, cases.values()))
+    return {message: (*case[:3], result) for (message, case), result in zip(cases.items(), results)}
+
+
+@pytest.mark.parametrize("message", list(BAD_CHECKPOINTS))
+def test_bad_checkpoint_exits_2_naming_the_file_and_changes_nothing(bad_checkpoint_runs, message):
+    out, named, before, result = bad_checkpoint_runs[message]
     assert result.returncode == 2, result.stderr[-4000:]
     assert message in result.stderr and str(named) in result.stderr and "Traceback" not in result.stderr
     assert "resume from another checkpoint" in result.stderr or "start a new output_dir" in result.stderr

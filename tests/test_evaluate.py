@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -76,12 +77,14 @@ def test_two_processes_give_the_figures_of_one(tmp_path):
     model_dir = save_blt(tmp_path / "model", PATCHINGS["entropy_monotonic"], entropy_dir)
     prose = write_corpus(tmp_path / "prose")
     (tmp_path / "code.py").write_text("def f(x):\n    return x * 2  # twice\n" * 7)
-    for split, rows in (("all", []), ("heldout", ["--val-batches", "5"])):
-        common = [str(model_dir), "--data", str(prose), "--data", f"code={tmp_path / 'code.py'}", "--seq-len", "40",
-                  "--batch-size", "3", "--split", split, *rows]  # fmt: skip
-        single = run_evaluate([*common, "--out", str(tmp_path / f"single_{split}.json")], nproc=1)
+    splits = {"all": [], "heldout": ["--val-batches", "5"]}
+    runs = [([str(model_dir), "--data", str(prose), "--data", f"code={tmp_path / 'code.py'}", "--seq-len", "40",
+              "--batch-size", "3", "--split", split, *rows, "--out", str(tmp_path / f"{name}_{split}.json")], nproc)
+            for split, rows in splits.items() for name, nproc in (("single", 1), ("double", 2))]  # fmt: skip
+    with ThreadPoolExecutor(len(runs)) as pool:  # all at once: mostly start-up, and a one-process run uses one core
+        results = list(pool.map(lambda run: run_evaluate(*run), runs))
+    for split, single, double in zip(splits, results[0::2], results[1::2]):
         assert single.returncode == 0, single.stderr
-        double = run_evaluate([*common, "--out", str(tmp_path / f"double_{split}.json")], nproc=2)
         assert double.returncode == 0, double.stderr
         assert double.stdout.count('{"model_dir"') == 1 and double.stdout.count("source ") == 1  # rank 0 alone
         expected = json.loads((tmp_path / f"single_{split}.json").read_text())

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -109,20 +110,28 @@ def run_plan(args: list[str]) -> subprocess.CompletedProcess:
                           timeout=300, env=env, cwd=REPO)  # fmt: skip
 
 
+def run_plans(*runs: list[str]) -> list[subprocess.CompletedProcess]:
+    """Several planner runs at once: each is mostly start-up and imports on one core."""
+    with ThreadPoolExecutor(len(runs)) as pool:
+        return list(pool.map(run_plan, runs))
+
+
 def test_plan_recommends_the_fastest_layout_that_fits():
-    roomy = run_plan(["--config", "configs/tiny_static.yaml", "--gpus", "4", "--gpu-mem-gb", "80"])
+    # 0.12 GB excludes replication (about 0.17 GB per rank: fp32 states and activations, unsharded).
+    roomy, tight = run_plans([*CONFIGS["tiny"], "--gpus", "4", "--gpu-mem-gb", "80"],
+                             [*CONFIGS["tiny"], "--gpus", "4", "--gpu-mem-gb", "0.12", "--dtype", "fp32"])  # fmt: skip
     assert roomy.returncode == 0, roomy.stderr
     assert "recommended: dp_shard=4" in roomy.stdout and "relative speed 1.00" in roomy.stdout
-    # 0.12 GB excludes replication (about 0.17 GB per rank: fp32 states and activations, unsharded).
-    tight = run_plan(["--config", "configs/tiny_static.yaml", "--gpus", "4", "--gpu-mem-gb", "0.12", "--dtype", "fp32"])
     assert tight.returncode == 0, tight.stderr
     assert "dp_replicate=4" in tight.stdout and "recommended: dp_replicate=4" not in tight.stdout
 
 
 def test_plan_says_when_nothing_fits_and_rejects_bad_input():
-    none = run_plan(["--config", "configs/tiny_static.yaml", "--gpus", "2", "--gpu-mem-gb", "0.001"])
+    none, bad, missing = run_plans(
+        [*CONFIGS["tiny"], "--gpus", "2", "--gpu-mem-gb", "0.001"],
+        [*CONFIGS["tiny"], "--gpus", "0", "--gpu-mem-gb", "80"],
+        ["--config", "configs/nonexistent.yaml", "--gpus", "2", "--gpu-mem-gb", "80"],
+    )
     assert none.returncode == 0 and "no layout of the model and batch fits" in none.stdout
-    bad = run_plan(["--config", "configs/tiny_static.yaml", "--gpus", "0", "--gpu-mem-gb", "80"])
     assert bad.returncode == 2 and "--gpus" in bad.stderr
-    missing = run_plan(["--config", "configs/nonexistent.yaml", "--gpus", "2", "--gpu-mem-gb", "80"])
     assert missing.returncode == 2 and "nonexistent.yaml" in missing.stderr

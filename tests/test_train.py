@@ -3,6 +3,7 @@ import math
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,13 @@ def run_trainer(args: list[str], nproc: int = 1, timeout: int = 300) -> subproce
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                    "-m", "bltdist.train", *args]  # fmt: skip
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+def run_trainers_together(runs: list[tuple[list[str], int]], timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """Independent trainer runs, (args, nproc) each, at the same time: a one-process run uses one of
+    the few cores, so side by side they end sooner than one after the other. The threads only wait."""
+    with ThreadPoolExecutor(len(runs)) as pool:
+        return list(pool.map(lambda run: run_trainer(*run, timeout), runs))
 
 
 def read_metrics(output_dir: Path) -> list[dict]:
@@ -80,20 +88,27 @@ def test_configured_peak_gives_an_mfu_on_cpu(tmp_path, odd_corpus):
     assert record["mfu"] == pytest.approx(record["tflops"] / 0.5)
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--optim.lrr=1e-3"], "optim.lrr"),
-        (["--train.steps=ten"], "train.steps"),
-        (["--optim.lr=-1e-3"], "optim.lr"),
-        (["--data.path=/nonexistent/corpus"], "/nonexistent/corpus"),
-        (["--patching.mode=entropy", "--patching.entropy_model=/nonexistent/em"], "patching.entropy_model"),
-        (["--checkpoint.init_from=/nonexistent/model"], "checkpoint.init_from"),
-        (["--checkpoint.resume=/nonexistent/checkpoint"], "checkpoint.resume"),
-    ],
-)
-def test_bad_input_exits_2_with_a_clear_message(args, message):
-    result = run_trainer(args)
+BAD_INPUT = [
+    (["--optim.lrr=1e-3"], "optim.lrr"),
+    (["--train.steps=ten"], "train.steps"),
+    (["--optim.lr=-1e-3"], "optim.lr"),
+    (["--data.path=/nonexistent/corpus"], "/nonexistent/corpus"),
+    (["--patching.mode=entropy", "--patching.entropy_model=/nonexistent/em"], "patching.entropy_model"),
+    (["--checkpoint.init_from=/nonexistent/model"], "checkpoint.init_from"),
+    (["--checkpoint.resume=/nonexistent/checkpoint"], "checkpoint.resume"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs() -> dict[tuple[str, ...], subprocess.CompletedProcess]:
+    """Every bad-input run at once: each is mostly interpreter start-up and imports on one core."""
+    results = run_trainers_together([(args, 1) for args, _ in BAD_INPUT])
+    return {tuple(args): result for (args, _), result in zip(BAD_INPUT, results)}
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUT)
+def test_bad_input_exits_2_with_a_clear_message(args, message, bad_input_runs):
+    result = bad_input_runs[tuple(args)]
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
 
@@ -124,10 +139,9 @@ def test_two_process_data_parallel_matches_one_process(tmp_path, odd_corpus):
     """Same seed, same global batch: the loss curve and the final weights match a single process."""
     args = [*SMALL, "--train.steps=4", f"--data.path={odd_corpus}", "--optim.grad_clip=0.5"]
     single, double = tmp_path / "single", tmp_path / "double"
-    result = run_trainer([*args, f"--output_dir={single}"])
-    assert result.returncode == 0, result.stderr
-    result = run_trainer([*args, f"--output_dir={double}"], nproc=2)
-    assert result.returncode == 0, result.stderr
+    runs = [([*args, f"--output_dir={single}"], 1), ([*args, f"--output_dir={double}"], 2)]
+    for result in run_trainers_together(runs):
+        assert result.returncode == 0, result.stderr
     for one, two in zip(read_metrics(single), read_metrics(double), strict=True):
         for key in ("loss", "grad_norm", "val_bpb"):
             if key in one:
