@@ -14,7 +14,7 @@ from test_model import (
     tiny_blt_config,
 )
 from test_parallel import write_corpus
-from test_train import run_trainer
+from test_train import run_trainer, run_trainers_together
 
 from bltdist.config import SuperPatchConfig, load_config
 from bltdist.errors import ConfigError
@@ -204,11 +204,10 @@ def test_two_level_blt_under_fsdp_and_tensor_parallel_matches_one_process(tmp_pa
     corpus = write_corpus(tmp_path / "corpus", 12)
     args = [*SMALL, f"--data.path={corpus}", *(entropy_grouping(tmp_path / "entropy") if grouping == "entropy" else [])]
     single, layout = tmp_path / "single", tmp_path / "dp_shard2_tp2"
-    result = run_trainer([*args, "--train.micro_batch_size=4", f"--output_dir={single}"])
-    assert result.returncode == 0, result.stderr[-4000:]
-    result = run_trainer([*args, "--train.micro_batch_size=2", "--parallel.dp_shard=2", "--parallel.tp=2",
-                          f"--output_dir={layout}"], nproc=4)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
+    layout_args = ["--train.micro_batch_size=2", "--parallel.dp_shard=2", "--parallel.tp=2", f"--output_dir={layout}"]
+    runs = [([*args, "--train.micro_batch_size=4", f"--output_dir={single}"], 1), ([*args, *layout_args], 4)]
+    for result in run_trainers_together(runs):
+        assert result.returncode == 0, result.stderr[-4000:]
     expected, got = train_lines(single), train_lines(layout)
     assert len(got) == len(expected) == 4
     for a, b in zip(expected, got):
