@@ -5,13 +5,13 @@ import json
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 from test_parallel import MODEL, REPO, run_gradients, train_lines
 from test_train import run_trainers_together
+from processes import side_by_side
 
 CHECKPOINTING = "--train.activation_checkpointing=true"
 
@@ -59,9 +59,9 @@ def peak_bytes(out, extra: list[str]) -> int:
 
 @pytest.mark.slow
 def test_checkpointing_lowers_the_peak_tensor_memory(tmp_path):
-    with ThreadPoolExecutor(2) as pool:  # one process each, side by side; each counts only its own tensors
-        plain, checkpointed = pool.map(peak_bytes, [tmp_path / "plain.json", tmp_path / "checkpointed.json"],
-                                       [[], [CHECKPOINTING]])  # fmt: skip
+    # Side by side: each process counts only its own tensors.
+    plain, checkpointed = side_by_side(peak_bytes, (tmp_path / "plain.json", []),
+                                       (tmp_path / "checkpointed.json", [CHECKPOINTING]))  # fmt: skip
     print(f"peak tensor memory: {plain / 2**20:.2f} MiB without, {checkpointed / 2**20:.2f} MiB with checkpointing")
     # Seven blocks each keep their input instead of about a dozen activations of the same size.
     assert checkpointed < 0.8 * plain

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from safetensors.torch import load_file
 from bltdist.config import load_config
 from bltdist.training.parallelize import build_model
 from test_parallel import write_corpus
+from processes import launcher, side_by_side
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "workers" / "interrupt.py"
@@ -45,8 +45,7 @@ LAYOUTS = {
 def launch(layout: str, extra: list[str], worker: list[str] | None = None) -> subprocess.CompletedProcess:
     nproc, layout_args = LAYOUTS[layout]
     program = [str(WORKER), *worker] if worker else ["-m", "bltdist.train"]
-    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    command = [sys.executable, *launcher, *program, *ARGS, *layout_args, *extra]
+    command = [sys.executable, *launcher(nproc), *program, *ARGS, *layout_args, *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
 
@@ -173,8 +172,7 @@ def bad_checkpoint_runs(reference, corpus, tmp_path_factory) -> dict[str, tuple]
         out, _, _, extra = case
         return launch("single", [f"--data.path={corpus}", f"--output_dir={out}", "--checkpoint.resume=auto", *extra])
 
-    with ThreadPoolExecutor(len(cases)) as pool:
-        results = list(pool.map(resume, cases.values()))
+    results = side_by_side(resume, *((case,) for case in cases.values()))
     return {message: (*case[:3], result) for (message, case), result in zip(cases.items(), results)}
 
 

@@ -15,6 +15,7 @@ from bltdist.model import BLT
 from bltdist.patching.rules import pad_patch_lengths, patch_count_bucket, patch_lengths, patch_starts
 from test_parallel import train_lines
 from test_train import REPO
+from processes import launcher
 
 # configs/tiny_static.yaml on shorter sequences: every compiled variant is built within the 20 steps.
 TINY = ["configs/tiny_static.yaml", "--train.seq_len=128", "--train.steps=20", "--logging.interval=1",
@@ -64,8 +65,7 @@ class BackgroundRun:
 
     def __init__(self, out: Path, nproc: int, args: list[str]):
         self.out = out
-        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
-        command = [sys.executable, *launcher, "-m", "bltdist.train", *TINY, *args, f"--output_dir={out}"]
+        command = [sys.executable, *launcher(nproc), "-m", "bltdist.train", *TINY, *args, f"--output_dir={out}"]
         env = dict(os.environ, OMP_NUM_THREADS="1")
         with open(f"{out}.stderr", "w") as stderr:
             self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=env, cwd=REPO)

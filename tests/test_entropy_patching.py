@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ from bltdist.patching.entropy import EntropyModel, OnlineEntropies
 from bltdist.patching.patcher import Patcher
 from bltdist.patching.store import PrecomputedEntropies, precompute
 from bltdist.patching.tokens import document_tokens
+from processes import side_by_side
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -373,8 +373,7 @@ def test_training_on_precomputed_entropies_equals_training_with_online_patching(
     def train(name: str) -> subprocess.CompletedProcess:
         return run_module("bltdist.train", [*args, *runs[name], f"--output_dir={tmp_path / name}"])
 
-    with ThreadPoolExecutor(len(runs)) as pool:  # one process on one core each, side by side
-        results = list(pool.map(train, runs))
+    results = side_by_side(train, *((name,) for name in runs))
     records = {}
     for name, result in zip(runs, results):
         assert result.returncode == 0, result.stderr

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from bltdist.evaluate import main as evaluate_main
 from bltdist.generate import load_for_generation
 from test_generate import PATCHINGS, save_blt, save_entropy_model
 from test_train import SMALL, read_metrics, run_trainer
+from processes import launcher, side_by_side
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -66,8 +66,7 @@ def test_rank_shares_add_up_to_the_whole(split, tmp_path):
 
 def run_evaluate(args: list[str], nproc: int) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
-    return subprocess.run([sys.executable, *launcher, "-m", "bltdist.evaluate", *args], capture_output=True,
+    return subprocess.run([sys.executable, *launcher(nproc), "-m", "bltdist.evaluate", *args], capture_output=True,
                           text=True, env=env, cwd=REPO, timeout=300)  # fmt: skip
 
 
@@ -81,8 +80,7 @@ def test_two_processes_give_the_figures_of_one(tmp_path):
     runs = [([str(model_dir), "--data", str(prose), "--data", f"code={tmp_path / 'code.py'}", "--seq-len", "40",
               "--batch-size", "3", "--split", split, *rows, "--out", str(tmp_path / f"{name}_{split}.json")], nproc)
             for split, rows in splits.items() for name, nproc in (("single", 1), ("double", 2))]  # fmt: skip
-    with ThreadPoolExecutor(len(runs)) as pool:  # all at once: mostly start-up, and a one-process run uses one core
-        results = list(pool.map(lambda run: run_evaluate(*run), runs))
+    results = side_by_side(run_evaluate, *runs)
     for split, single, double in zip(splits, results[0::2], results[1::2]):
         assert single.returncode == 0, single.stderr
         assert double.returncode == 0, double.stderr

@@ -16,6 +16,7 @@ from test_parallel import write_corpus
 
 from bltdist.config import load_config
 from bltdist.errors import ConfigError
+from processes import launcher
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,8 +39,7 @@ JOINT = ["--patching.entropy_model_training=joint", "--patching.entropy_lr=1e-3"
 
 
 def run(args: list[str], nproc: int = 1, program: list[str] | None = None) -> subprocess.CompletedProcess:
-    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    command = [sys.executable, *launcher, *(program or ["-m", "bltdist.train"]), *args]
+    command = [sys.executable, *launcher(nproc), *(program or ["-m", "bltdist.train"]), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
 

@@ -20,6 +20,7 @@ from bltdist.training.checkpoint import consolidate
 from bltdist.training.optim import lr_factor
 from bltdist.training.parallelize import build_model
 from test_train import run_trainer
+from processes import launcher
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -129,11 +130,10 @@ def data_parallel_size(layout: str, nproc: int) -> int:
 
 def gradients_command(out: Path, parallel_args: list[str], nproc: int, data_parallel: int) -> list[str]:
     """tests/workers/gradients.py: one batch's gathered gradients, saved to ``out``."""
-    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     micro = 4 // data_parallel  # one micro-batch per rank: a pipeline splits it into microbatches
     args = [*MODEL, "--train.seq_len=64", "--train.global_batch_size=4", f"--train.micro_batch_size={micro}",
             *parallel_args]  # fmt: skip
-    return [sys.executable, *launcher, str(REPO / "tests" / "workers" / "gradients.py"), str(out), *args]
+    return [sys.executable, *launcher(nproc), str(REPO / "tests" / "workers" / "gradients.py"), str(out), *args]
 
 
 def run_gradients(out: Path, parallel_args: list[str], nproc: int, data_parallel: int) -> dict[str, torch.Tensor]:
@@ -225,8 +225,7 @@ def test_exception_on_one_rank_stops_every_rank_with_its_message(corpus, tmp_pat
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for kind, code in (("crash", None), ("data", 2)):
         # A collective timeout far above the bound below: only a stopped rank 0 meets the bound.
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                   str(REPO / "tests" / "workers" / "fail_on_rank.py"), kind, *MODEL, *TRAIN,
+        command = [sys.executable, *launcher(2), str(REPO / "tests" / "workers" / "fail_on_rank.py"), kind, *MODEL, *TRAIN,
                    "--train.micro_batch_size=4", "--parallel.timeout_seconds=900", f"--data.path={corpus}",
                    f"--output_dir={tmp_path / kind}"]  # fmt: skip
         start = time.monotonic()

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from bltdist.config import load_config
 from bltdist.parallel import ParallelDims
 from bltdist.plan import ActivationModel, count_parameters, estimate, layout_config
+from processes import launcher, side_by_side
 
 REPO = Path(__file__).resolve().parents[1]
 MID_SIZE = [  # the small BLT of BLT_NOTES section 4 (local 256, 1 + 4 layers, global 512 x 6)
@@ -32,10 +32,8 @@ def measured_peaks(args: list[str], layout: ParallelDims, out: Path, *more: tupl
     the further (args, out) measurements, each written to its out."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     worker = str(REPO / "tests" / "workers" / "memory.py")
-    launcher = [] if layout.world_size == 1 else [
-        "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={layout.world_size}"]  # fmt: skip
     following = [token for more_args, more_out in more for token in ("next", str(more_out), *more_args)]
-    result = subprocess.run([sys.executable, *launcher, worker, str(out), *args, *following], capture_output=True,
+    result = subprocess.run([sys.executable, *launcher(layout.world_size), worker, str(out), *args, *following], capture_output=True,
                             text=True, timeout=600 * (1 + len(more)), env=env, cwd=REPO)  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     measured = json.loads(out.read_text())
@@ -112,8 +110,7 @@ def run_plan(args: list[str]) -> subprocess.CompletedProcess:
 
 def run_plans(*runs: list[str]) -> list[subprocess.CompletedProcess]:
     """Several planner runs at once: each is mostly start-up and imports on one core."""
-    with ThreadPoolExecutor(len(runs)) as pool:
-        return list(pool.map(run_plan, runs))
+    return side_by_side(run_plan, *((args,) for args in runs))
 
 
 def test_plan_recommends_the_fastest_layout_that_fits():

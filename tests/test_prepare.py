@@ -27,6 +27,7 @@ from bltdist.data import (
 )
 from bltdist.data.documents import document_digest
 from bltdist.errors import ConfigError, DataError
+from processes import launcher
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,8 +113,7 @@ def test_prepare_under_torchrun_writes_each_ranks_share_and_the_bytes_of_one_pro
     corpus = mixed_corpus(tmp_path / "corpus")
     single = run_prepare([corpus], tmp_path / "single", "--shard-bytes", "300")
     assert single.returncode == 0, single.stderr
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-               "bltdist.data", "prepare", str(corpus), "--out", str(tmp_path / "ranks"), "--shard-bytes", "300"]  # fmt: skip
+    command = [sys.executable, *launcher(2), "-m", "bltdist.data", "prepare", str(corpus), "--out", str(tmp_path / "ranks"), "--shard-bytes", "300"]  # fmt: skip
     ranks = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300)
     assert ranks.returncode == 0, ranks.stderr
     shards = len(json.loads((tmp_path / "single" / "manifest.json").read_text())["shards"])

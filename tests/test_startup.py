@@ -14,6 +14,7 @@ from bltdist.errors import UserError
 from bltdist.model_dir import WEIGHTS_FILE, load_model_weights, save_weights_dir
 from bltdist.training.parallelize import build_model
 from test_parallel import MODEL
+from processes import launcher
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = [*MODEL, "--train.seq_len=64", "--train.global_batch_size=4", "--train.micro_batch_size=1"]
@@ -39,8 +40,7 @@ def test_each_rank_initialises_or_loads_only_its_shards_and_gets_the_single_proc
     from_file = model_dir_with_other_weights(tmp_path / "model")
     cfg = load_config(None, ARGS)
     expected = build_model(cfg.model, cfg.train.seed, None, torch.device("cpu")).state_dict()
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(REPO / "tests" / "workers" / "startup.py"), str(tmp_path / "out.pt"), str(tmp_path / "model"),
+    command = [sys.executable, *launcher(nproc), str(REPO / "tests" / "workers" / "startup.py"), str(tmp_path / "out.pt"), str(tmp_path / "model"),
                *ARGS, *parallel_args]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)

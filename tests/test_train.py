@@ -3,7 +3,6 @@ import math
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from safetensors.torch import load_file
 from bltdist.config import load_config
 from bltdist.metrics import TRAIN_KEYS
 from bltdist.training.optim import lr_factor
+from processes import launcher, side_by_side
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,19 +29,14 @@ SMALL = [
 
 def run_trainer(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    if nproc == 1:
-        command = [sys.executable, "-m", "bltdist.train", *args]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   "-m", "bltdist.train", *args]  # fmt: skip
+    command = [sys.executable, *launcher(nproc), "-m", "bltdist.train", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 
 
 def run_trainers_together(runs: list[tuple[list[str], int]], timeout: int = 300) -> list[subprocess.CompletedProcess]:
     """Independent trainer runs, (args, nproc) each, at the same time: a one-process run uses one of
     the few cores, so side by side they end sooner than one after the other. The threads only wait."""
-    with ThreadPoolExecutor(len(runs)) as pool:
-        return list(pool.map(lambda run: run_trainer(*run, timeout), runs))
+    return side_by_side(run_trainer, *((args, nproc, timeout) for args, nproc in runs))
 
 
 def read_metrics(output_dir: Path) -> list[dict]:
