@@ -19,8 +19,6 @@ forward pass; their gradients are summed over each group's query heads afterward
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -74,10 +72,12 @@ def _load_patch_bytes(
 @triton.jit
 def _pool_forward_kernel(
     q_ptr, k_ptr, v_ptr, byte_order_ptr, segment_ends_ptr, out_ptr, lse_ptr,
-    seq_len, num_patches, slots, heads, kv_heads, head_dim, scale,
+    seq_len, num_patches, slots, heads, kv_heads, head_dim,
     S_PAD: tl.constexpr, BLOCK_T: tl.constexpr, D_PAD: tl.constexpr,
 ):
-    scale = tl.cast(scale, tl.float32)  # inside torch.compile a Python float arrives as fp64
+    # From head_dim, not an argument: under torch.compile with dynamic shapes a float argument arrives as
+    # fp64 or, computed from a symbolic head dim, is launched into an integer slot.
+    scale = 1.0 / tl.sqrt(tl.cast(head_dim, tl.float32))
     row, head, kv_head, start, end, dims, dim_mask, slot_mask, q, q_mask, q_offsets, lse_offsets = (
         _patch_program_queries(q_ptr, segment_ends_ptr, num_patches, slots, heads, kv_heads, head_dim, S_PAD, D_PAD)
     )
@@ -108,10 +108,12 @@ def _pool_forward_kernel(
 def _pool_backward_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, grad_out_ptr, lse_ptr, byte_order_ptr, segment_ends_ptr,
     grad_q_ptr, grad_k_ptr, grad_v_ptr,
-    seq_len, num_patches, slots, heads, kv_heads, head_dim, scale,
+    seq_len, num_patches, slots, heads, kv_heads, head_dim,
     S_PAD: tl.constexpr, BLOCK_T: tl.constexpr, D_PAD: tl.constexpr,
 ):
-    scale = tl.cast(scale, tl.float32)  # inside torch.compile a Python float arrives as fp64
+    # From head_dim, not an argument: under torch.compile with dynamic shapes a float argument arrives as
+    # fp64 or, computed from a symbolic head dim, is launched into an integer slot.
+    scale = 1.0 / tl.sqrt(tl.cast(head_dim, tl.float32))
     row, head, kv_head, start, end, dims, dim_mask, slot_mask, q, q_mask, q_offsets, lse_offsets = (
         _patch_program_queries(q_ptr, segment_ends_ptr, num_patches, slots, heads, kv_heads, head_dim, S_PAD, D_PAD)
     )
@@ -169,10 +171,12 @@ def _byte_program_queries(
 @triton.jit
 def _unpool_forward_kernel(
     q_ptr, k_ptr, v_ptr, source_patch_ptr, out_ptr, lse_ptr,
-    seq_len, num_patches, slots, heads, kv_heads, head_dim, scale,
+    seq_len, num_patches, slots, heads, kv_heads, head_dim,
     BLOCK_T: tl.constexpr, D_PAD: tl.constexpr,
 ):
-    scale = tl.cast(scale, tl.float32)  # inside torch.compile a Python float arrives as fp64
+    # From head_dim, not an argument: under torch.compile with dynamic shapes a float argument arrives as
+    # fp64 or, computed from a symbolic head dim, is launched into an integer slot.
+    scale = 1.0 / tl.sqrt(tl.cast(head_dim, tl.float32))
     head, kv_head, in_row, dims, mask, q, q_offsets, slot_base, lse_offsets = _byte_program_queries(
         q_ptr, source_patch_ptr, seq_len, num_patches, slots, heads, kv_heads, head_dim, BLOCK_T, D_PAD
     )
@@ -198,10 +202,12 @@ def _unpool_forward_kernel(
 def _unpool_backward_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, grad_out_ptr, lse_ptr, source_patch_ptr,
     grad_q_ptr, grad_k_ptr, grad_v_ptr,
-    seq_len, num_patches, slots, heads, kv_heads, head_dim, scale,
+    seq_len, num_patches, slots, heads, kv_heads, head_dim,
     BLOCK_T: tl.constexpr, D_PAD: tl.constexpr,
 ):
-    scale = tl.cast(scale, tl.float32)  # inside torch.compile a Python float arrives as fp64
+    # From head_dim, not an argument: under torch.compile with dynamic shapes a float argument arrives as
+    # fp64 or, computed from a symbolic head dim, is launched into an integer slot.
+    scale = 1.0 / tl.sqrt(tl.cast(head_dim, tl.float32))
     head, kv_head, in_row, dims, mask, q, q_offsets, slot_base, lse_offsets = _byte_program_queries(
         q_ptr, source_patch_ptr, seq_len, num_patches, slots, heads, kv_heads, head_dim, BLOCK_T, D_PAD
     )
@@ -241,7 +247,7 @@ class _PatchPoolAttention(torch.autograd.Function):
         segment_ends = torch.cumsum(segment_ends, dim=1)
         out = torch.empty_like(slot_q)
         lse = torch.empty(batch, num_patches, slots, heads, dtype=torch.float32, device=slot_q.device)
-        meta = (seq_len, num_patches, slots, heads, kv_heads, head_dim, 1.0 / math.sqrt(head_dim))
+        meta = (seq_len, num_patches, slots, heads, kv_heads, head_dim)
         blocks = dict(S_PAD=triton.next_power_of_2(slots), BLOCK_T=BLOCK_BYTES, D_PAD=triton.next_power_of_2(head_dim))
         _pool_forward_kernel[(batch * num_patches, heads)](
             slot_q, byte_k, byte_v, byte_order, segment_ends, out, lse, *meta, **blocks
@@ -277,7 +283,7 @@ class _ByteToSlotAttention(torch.autograd.Function):
         num_patches, slots, kv_heads = slot_k.shape[1], slot_k.shape[2], slot_k.shape[3]
         out = torch.empty_like(byte_q)
         lse = torch.empty(batch, seq_len, heads, dtype=torch.float32, device=byte_q.device)
-        meta = (seq_len, num_patches, slots, heads, kv_heads, head_dim, 1.0 / math.sqrt(head_dim))
+        meta = (seq_len, num_patches, slots, heads, kv_heads, head_dim)
         blocks = dict(BLOCK_T=BLOCK_BYTES, D_PAD=triton.next_power_of_2(head_dim))
         grid = (batch, heads, triton.cdiv(seq_len, BLOCK_BYTES))
         _unpool_forward_kernel[grid](byte_q, slot_k, slot_v, source_patch, out, lse, *meta, **blocks)
