@@ -234,88 +234,147 @@ def _sum_head_groups(grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return grad.unflatten(-2, (kv_heads, -1)).sum(-2)
 
 
-class _PatchPoolAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, slot_q, byte_k, byte_v, patch_ids):
-        slot_q, byte_k, byte_v = slot_q.contiguous(), byte_k.contiguous(), byte_v.contiguous()
-        batch, num_patches, slots, heads, head_dim = slot_q.shape
-        seq_len, kv_heads = byte_k.shape[1], byte_k.shape[2]
-        # A stable sort visits each patch's bytes as one run, in their original order.
-        sorted_ids, byte_order = torch.sort(patch_ids, dim=1, stable=True)
-        segment_ends = torch.zeros(batch, num_patches, dtype=torch.int64, device=patch_ids.device)
-        segment_ends.scatter_add_(1, sorted_ids, torch.ones_like(sorted_ids))
-        segment_ends = torch.cumsum(segment_ends, dim=1)
-        out = torch.empty_like(slot_q)
-        lse = torch.empty(batch, num_patches, slots, heads, dtype=torch.float32, device=slot_q.device)
-        meta = (seq_len, num_patches, slots, heads, kv_heads, head_dim)
-        blocks = dict(S_PAD=triton.next_power_of_2(slots), BLOCK_T=BLOCK_BYTES, D_PAD=triton.next_power_of_2(head_dim))
-        _pool_forward_kernel[(batch * num_patches, heads)](
-            slot_q, byte_k, byte_v, byte_order, segment_ends, out, lse, *meta, **blocks
-        )
-        ctx.save_for_backward(slot_q, byte_k, byte_v, out, lse, byte_order, segment_ends)
-        ctx.meta, ctx.blocks = meta, blocks
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        slot_q, byte_k, byte_v, out, lse, byte_order, segment_ends = ctx.saved_tensors
-        batch, num_patches, slots, heads, head_dim = slot_q.shape
-        seq_len, kv_heads = byte_k.shape[1], byte_k.shape[2]
-        grad_q = torch.empty_like(slot_q)
-        # Every byte belongs to one patch, so the kernel writes every row of these buffers.
-        grad_k = torch.empty(batch, seq_len, heads, head_dim, dtype=torch.float32, device=byte_k.device)
-        grad_v = torch.empty_like(grad_k)
-        _pool_backward_kernel[(batch * num_patches, heads)](
-            slot_q, byte_k, byte_v, out, grad_out.contiguous(), lse, byte_order, segment_ends,
-            grad_q, grad_k, grad_v, *ctx.meta, **ctx.blocks,
-        )
-        grad_k = _sum_head_groups(grad_k, kv_heads).to(byte_k.dtype)
-        grad_v = _sum_head_groups(grad_v, kv_heads).to(byte_v.dtype)
-        return grad_q, grad_k, grad_v, None
+# Custom ops rather than autograd Functions: torch.compile keeps them opaque, as it would a library
+# kernel, instead of tracing the Triton launches into its graph (on torch 2.11 inductor fails to
+# compile such a backward with dynamic shapes, and launched a float argument into an integer slot).
+@torch.library.custom_op("bltdist::patch_pool_attention", mutates_args=())
+def _patch_pool_forward(
+    slot_q: torch.Tensor, byte_k: torch.Tensor, byte_v: torch.Tensor, patch_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, lse, byte_order, segment_ends): the output and what its backward needs."""
+    slot_q, byte_k, byte_v = slot_q.contiguous(), byte_k.contiguous(), byte_v.contiguous()
+    batch, num_patches, slots, heads, head_dim = slot_q.shape
+    seq_len, kv_heads = byte_k.shape[1], byte_k.shape[2]
+    # A stable sort visits each patch's bytes as one run, in their original order.
+    sorted_ids, byte_order = torch.sort(patch_ids, dim=1, stable=True)
+    segment_ends = torch.zeros(batch, num_patches, dtype=torch.int64, device=patch_ids.device)
+    segment_ends.scatter_add_(1, sorted_ids, torch.ones_like(sorted_ids))
+    segment_ends = torch.cumsum(segment_ends, dim=1)
+    out = torch.empty_like(slot_q)
+    lse = torch.empty(batch, num_patches, slots, heads, dtype=torch.float32, device=slot_q.device)
+    _pool_forward_kernel[(batch * num_patches, heads)](
+        slot_q, byte_k, byte_v, byte_order, segment_ends, out, lse,
+        seq_len, num_patches, slots, heads, kv_heads, head_dim, **_pool_blocks(slots, head_dim),
+    )
+    return out, lse, byte_order, segment_ends
 
 
-class _ByteToSlotAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, byte_q, slot_k, slot_v, source_patch):
-        byte_q, slot_k, slot_v = byte_q.contiguous(), slot_k.contiguous(), slot_v.contiguous()
-        source_patch = source_patch.contiguous()
-        batch, seq_len, heads, head_dim = byte_q.shape
-        num_patches, slots, kv_heads = slot_k.shape[1], slot_k.shape[2], slot_k.shape[3]
-        out = torch.empty_like(byte_q)
-        lse = torch.empty(batch, seq_len, heads, dtype=torch.float32, device=byte_q.device)
-        meta = (seq_len, num_patches, slots, heads, kv_heads, head_dim)
-        blocks = dict(BLOCK_T=BLOCK_BYTES, D_PAD=triton.next_power_of_2(head_dim))
-        grid = (batch, heads, triton.cdiv(seq_len, BLOCK_BYTES))
-        _unpool_forward_kernel[grid](byte_q, slot_k, slot_v, source_patch, out, lse, *meta, **blocks)
-        ctx.save_for_backward(byte_q, slot_k, slot_v, out, lse, source_patch)
-        ctx.meta, ctx.blocks, ctx.grid = meta, blocks, grid
-        return out
+@_patch_pool_forward.register_fake
+def _(slot_q, byte_k, byte_v, patch_ids):
+    batch, num_patches, slots, heads, _ = slot_q.shape
+    lse = slot_q.new_empty(batch, num_patches, slots, heads, dtype=torch.float32)
+    return torch.empty_like(slot_q), lse, torch.empty_like(patch_ids), patch_ids.new_empty(batch, num_patches)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        byte_q, slot_k, slot_v, out, lse, source_patch = ctx.saved_tensors
-        batch, num_patches, slots, kv_heads, head_dim = slot_k.shape
-        heads = byte_q.shape[2]
-        grad_q = torch.empty_like(byte_q)
-        grad_k = torch.zeros(batch, num_patches, slots, heads, head_dim, dtype=torch.float32, device=slot_k.device)
-        grad_v = torch.zeros_like(grad_k)
-        _unpool_backward_kernel[ctx.grid](
-            byte_q, slot_k, slot_v, out, grad_out.contiguous(), lse, source_patch,
-            grad_q, grad_k, grad_v, *ctx.meta, **ctx.blocks,
-        )
-        grad_k = _sum_head_groups(grad_k, kv_heads).to(slot_k.dtype)
-        grad_v = _sum_head_groups(grad_v, kv_heads).to(slot_v.dtype)
-        return grad_q, grad_k, grad_v, None
+
+@torch.library.custom_op("bltdist::patch_pool_attention_backward", mutates_args=())
+def _patch_pool_backward(
+    grad_out: torch.Tensor, slot_q: torch.Tensor, byte_k: torch.Tensor, byte_v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, byte_order: torch.Tensor, segment_ends: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    slot_q, byte_k, byte_v = slot_q.contiguous(), byte_k.contiguous(), byte_v.contiguous()
+    batch, num_patches, slots, heads, head_dim = slot_q.shape
+    seq_len, kv_heads = byte_k.shape[1], byte_k.shape[2]
+    grad_q = torch.empty_like(slot_q)
+    # Every byte belongs to one patch, so the kernel writes every row of these buffers.
+    grad_k = torch.empty(batch, seq_len, heads, head_dim, dtype=torch.float32, device=byte_k.device)
+    grad_v = torch.empty_like(grad_k)
+    _pool_backward_kernel[(batch * num_patches, heads)](
+        slot_q, byte_k, byte_v, out, grad_out.contiguous(), lse, byte_order, segment_ends, grad_q, grad_k, grad_v,
+        seq_len, num_patches, slots, heads, kv_heads, head_dim, **_pool_blocks(slots, head_dim),
+    )
+    grad_k, grad_v = (_sum_head_groups(grad, kv_heads).to(byte_k.dtype) for grad in (grad_k, grad_v))
+    return grad_q, grad_k, grad_v
+
+
+@_patch_pool_backward.register_fake
+def _(grad_out, slot_q, byte_k, byte_v, out, lse, byte_order, segment_ends):
+    return torch.empty_like(slot_q), torch.empty_like(byte_k), torch.empty_like(byte_v)
+
+
+def _pool_blocks(slots: int, head_dim: int) -> dict:
+    return dict(S_PAD=triton.next_power_of_2(slots), BLOCK_T=BLOCK_BYTES, D_PAD=triton.next_power_of_2(head_dim))
+
+
+def _unpool_blocks(head_dim: int) -> dict:
+    return dict(BLOCK_T=BLOCK_BYTES, D_PAD=triton.next_power_of_2(head_dim))
+
+
+def _save_inputs_and_outputs(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _patch_pool_grad(ctx, grad_out, *_no_grads):
+    slot_q, byte_k, byte_v, _, out, lse, byte_order, segment_ends = ctx.saved_tensors
+    grads = _patch_pool_backward(grad_out, slot_q, byte_k, byte_v, out, lse, byte_order, segment_ends)
+    return *grads, None
+
+
+_patch_pool_forward.register_autograd(_patch_pool_grad, setup_context=_save_inputs_and_outputs)
+
+
+@torch.library.custom_op("bltdist::byte_to_slot_attention", mutates_args=())
+def _byte_to_slot_forward(
+    byte_q: torch.Tensor, slot_k: torch.Tensor, slot_v: torch.Tensor, source_patch: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse)."""
+    byte_q, slot_k, slot_v = byte_q.contiguous(), slot_k.contiguous(), slot_v.contiguous()
+    batch, seq_len, heads, head_dim = byte_q.shape
+    num_patches, slots, kv_heads = slot_k.shape[1], slot_k.shape[2], slot_k.shape[3]
+    out = torch.empty_like(byte_q)
+    lse = torch.empty(batch, seq_len, heads, dtype=torch.float32, device=byte_q.device)
+    _unpool_forward_kernel[(batch, heads, triton.cdiv(seq_len, BLOCK_BYTES))](
+        byte_q, slot_k, slot_v, source_patch.contiguous(), out, lse,
+        seq_len, num_patches, slots, heads, kv_heads, head_dim, **_unpool_blocks(head_dim),
+    )
+    return out, lse
+
+
+@_byte_to_slot_forward.register_fake
+def _(byte_q, slot_k, slot_v, source_patch):
+    batch, seq_len, heads, _ = byte_q.shape
+    return torch.empty_like(byte_q), byte_q.new_empty(batch, seq_len, heads, dtype=torch.float32)
+
+
+@torch.library.custom_op("bltdist::byte_to_slot_attention_backward", mutates_args=())
+def _byte_to_slot_backward(
+    grad_out: torch.Tensor, byte_q: torch.Tensor, slot_k: torch.Tensor, slot_v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, source_patch: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    byte_q, slot_k, slot_v = byte_q.contiguous(), slot_k.contiguous(), slot_v.contiguous()
+    batch, num_patches, slots, kv_heads, head_dim = slot_k.shape
+    seq_len, heads = byte_q.shape[1], byte_q.shape[2]
+    grad_q = torch.empty_like(byte_q)
+    grad_k = torch.zeros(batch, num_patches, slots, heads, head_dim, dtype=torch.float32, device=slot_k.device)
+    grad_v = torch.zeros_like(grad_k)
+    _unpool_backward_kernel[(batch, heads, triton.cdiv(seq_len, BLOCK_BYTES))](
+        byte_q, slot_k, slot_v, out, grad_out.contiguous(), lse, source_patch.contiguous(), grad_q, grad_k, grad_v,
+        seq_len, num_patches, slots, heads, kv_heads, head_dim, **_unpool_blocks(head_dim),
+    )
+    grad_k, grad_v = (_sum_head_groups(grad, kv_heads).to(slot_k.dtype) for grad in (grad_k, grad_v))
+    return grad_q, grad_k, grad_v
+
+
+@_byte_to_slot_backward.register_fake
+def _(grad_out, byte_q, slot_k, slot_v, out, lse, source_patch):
+    return torch.empty_like(byte_q), torch.empty_like(slot_k), torch.empty_like(slot_v)
+
+
+def _byte_to_slot_grad(ctx, grad_out, _no_grad_lse):
+    byte_q, slot_k, slot_v, source_patch, out, lse = ctx.saved_tensors
+    return *_byte_to_slot_backward(grad_out, byte_q, slot_k, slot_v, out, lse, source_patch), None
+
+
+_byte_to_slot_forward.register_autograd(_byte_to_slot_grad, setup_context=_save_inputs_and_outputs)
 
 
 def patch_pool_attention(slot_q, byte_k, byte_v, patch_ids) -> torch.Tensor:
     """Same contract as ``bltdist.model.attention.patch_pool_attention``."""
-    return _PatchPoolAttention.apply(slot_q, byte_k, byte_v, patch_ids)
+    return _patch_pool_forward(slot_q, byte_k, byte_v, patch_ids)[0]
 
 
 def byte_to_slot_attention(byte_q, slot_k, slot_v, source_patch) -> torch.Tensor:
     """Same contract as ``bltdist.model.attention.byte_to_slot_attention``."""
-    return _ByteToSlotAttention.apply(byte_q, slot_k, slot_v, source_patch)
+    return _byte_to_slot_forward(byte_q, slot_k, slot_v, source_patch)[0]
 
 
 def _unsupported_attention(q, k, v, head_dim, slots) -> str | None:

@@ -142,51 +142,81 @@ def _dim_block(dim: int) -> int:
     return min(triton.next_power_of_2(dim), 256)
 
 
-class _HashNgramEmbedding(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tokens, weight, ngram_sizes, num_functions, table_size, backward_mode):
-        tokens = tokens.contiguous()
-        weight = weight.contiguous()
-        num_positions, seq_len, dim = tokens.numel(), tokens.shape[-1], weight.shape[1]
-        num_tables = num_functions * len(ngram_sizes)
-        primes, sizes = _hash_constants(num_functions, tuple(ngram_sizes), tokens.device)
-        out = torch.empty(*tokens.shape, dim, dtype=weight.dtype, device=weight.device)
-        rows = torch.empty(num_positions, num_tables, dtype=torch.int64, device=tokens.device)
-        block_d = _dim_block(dim)
-        grid = (triton.cdiv(num_positions, BLOCK_POSITIONS), triton.cdiv(dim, block_d))
-        _hash_embedding_forward_kernel[grid](
-            tokens, primes, sizes, weight, out, rows, num_positions, seq_len, dim, table_size,
-            NUM_FUNCTIONS=num_functions, NUM_SIZES=len(ngram_sizes), BLOCK_T=BLOCK_POSITIONS, BLOCK_D=block_d,
-        )
-        ctx.save_for_backward(rows)
-        ctx.weight_shape, ctx.weight_dtype, ctx.backward_mode = weight.shape, weight.dtype, backward_mode
-        return out
+# A custom op, not an autograd Function: torch.compile keeps it opaque (see cross_attention.py).
+# backward_mode is an argument only so that the backward can read it.
+@torch.library.custom_op("bltdist::hash_ngram_embedding", mutates_args=())
+def _hash_forward(
+    tokens: torch.Tensor, weight: torch.Tensor, ngram_sizes: list[int], num_functions: int, table_size: int,
+    backward_mode: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, rows): the embedding and the fused-table row of each (position, table)."""
+    tokens = tokens.contiguous()
+    weight = weight.contiguous()
+    num_positions, seq_len, dim = tokens.numel(), tokens.shape[-1], weight.shape[1]
+    primes, sizes = _hash_constants(num_functions, tuple(ngram_sizes), tokens.device)
+    out = torch.empty(*tokens.shape, dim, dtype=weight.dtype, device=weight.device)
+    rows = torch.empty(num_positions, num_functions * len(ngram_sizes), dtype=torch.int64, device=tokens.device)
+    block_d = _dim_block(dim)
+    grid = (triton.cdiv(num_positions, BLOCK_POSITIONS), triton.cdiv(dim, block_d))
+    _hash_embedding_forward_kernel[grid](
+        tokens, primes, sizes, weight, out, rows, num_positions, seq_len, dim, table_size,
+        NUM_FUNCTIONS=num_functions, NUM_SIZES=len(ngram_sizes), BLOCK_T=BLOCK_POSITIONS, BLOCK_D=block_d,
+    )
+    return out, rows
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        (rows,) = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        num_positions, num_tables = rows.shape
-        dim = ctx.weight_shape[1]
-        block_d = _dim_block(dim)
-        grad_weight = torch.zeros(ctx.weight_shape, dtype=ctx.weight_dtype, device=grad_out.device)
-        if ctx.backward_mode == "atomic" and ctx.weight_dtype == torch.float32:
-            grid = (triton.cdiv(num_positions, BLOCK_POSITIONS), triton.cdiv(dim, block_d))
-            _hash_embedding_atomic_backward_kernel[grid](
-                grad_out, rows, grad_weight, num_positions, dim,
-                NUM_TABLES=num_tables, BLOCK_T=BLOCK_POSITIONS, BLOCK_D=block_d,
-            )
-        else:
-            sorted_rows, order = torch.sort(rows.flatten())
-            segment_rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
-            segment_starts = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-            sorted_positions = order // num_tables
-            grid = (segment_rows.numel(), triton.cdiv(dim, block_d))
-            _hash_embedding_sorted_backward_kernel[grid](
-                grad_out, sorted_positions, segment_starts, segment_rows, grad_weight, dim,
-                BLOCK_E=16, BLOCK_D=block_d,
-            )
-        return None, grad_weight, None, None, None, None
+
+@_hash_forward.register_fake
+def _(tokens, weight, ngram_sizes, num_functions, table_size, backward_mode):
+    out = weight.new_empty(*tokens.shape, weight.shape[1])
+    return out, tokens.new_empty(tokens.numel(), num_functions * len(ngram_sizes), dtype=torch.int64)
+
+
+@torch.library.custom_op("bltdist::hash_ngram_embedding_backward", mutates_args=())
+def _hash_backward(
+    grad_out: torch.Tensor, rows: torch.Tensor, table_rows: int, weight_dtype: torch.dtype, backward_mode: str
+) -> torch.Tensor:
+    grad_out = grad_out.contiguous()
+    num_positions, num_tables = rows.shape
+    dim = grad_out.shape[-1]
+    block_d = _dim_block(dim)
+    grad_weight = torch.zeros(table_rows, dim, dtype=weight_dtype, device=grad_out.device)
+    if backward_mode == "atomic" and weight_dtype == torch.float32:
+        grid = (triton.cdiv(num_positions, BLOCK_POSITIONS), triton.cdiv(dim, block_d))
+        _hash_embedding_atomic_backward_kernel[grid](
+            grad_out, rows, grad_weight, num_positions, dim,
+            NUM_TABLES=num_tables, BLOCK_T=BLOCK_POSITIONS, BLOCK_D=block_d,
+        )
+    else:
+        sorted_rows, order = torch.sort(rows.flatten())
+        segment_rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
+        segment_starts = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+        sorted_positions = order // num_tables
+        grid = (segment_rows.numel(), triton.cdiv(dim, block_d))
+        _hash_embedding_sorted_backward_kernel[grid](
+            grad_out, sorted_positions, segment_starts, segment_rows, grad_weight, dim,
+            BLOCK_E=16, BLOCK_D=block_d,
+        )
+    return grad_weight
+
+
+@_hash_backward.register_fake
+def _(grad_out, rows, table_rows, weight_dtype, backward_mode):
+    return grad_out.new_empty(table_rows, grad_out.shape[-1], dtype=weight_dtype)
+
+
+def _save_rows(ctx, inputs, output):
+    _, weight, _, _, _, backward_mode = inputs
+    ctx.save_for_backward(output[1])
+    ctx.table_rows, ctx.weight_dtype, ctx.backward_mode = weight.shape[0], weight.dtype, backward_mode
+
+
+def _hash_grad(ctx, grad_out, _no_grad_rows):
+    (rows,) = ctx.saved_tensors
+    grad_weight = _hash_backward(grad_out, rows, ctx.table_rows, ctx.weight_dtype, ctx.backward_mode)
+    return None, grad_weight, None, None, None, None
+
+
+_hash_forward.register_autograd(_hash_grad, setup_context=_save_rows)
 
 
 def hash_ngram_embedding(
@@ -201,7 +231,7 @@ def hash_ngram_embedding(
     (B, T) -> (B, T, dim), equal to ``HashNgramEmbedding.forward`` for a weight laid out as there."""
     if backward_mode not in BACKWARD_MODES:
         raise ValueError(f"unknown backward mode {backward_mode!r}; choose one of {BACKWARD_MODES}")
-    return _HashNgramEmbedding.apply(tokens, weight, list(ngram_sizes), num_functions, table_size, backward_mode)
+    return _hash_forward(tokens, weight, list(ngram_sizes), num_functions, table_size, backward_mode)[0]
 
 
 def unsupported_reason(tokens, weight, ngram_sizes, num_functions, table_size) -> str | None:

@@ -13,6 +13,7 @@ from test_model import make_tokens
 from bltdist import kernels
 from bltdist.config import ConfigError, load_config
 from bltdist.memtrack import PeakTensorMemory
+from bltdist.metrics import RecompilationCounter
 from bltdist.model import BLT, PatchLayout
 from bltdist.model import attention as reference
 from bltdist.model.hash_embedding import HashNgramEmbedding
@@ -234,3 +235,37 @@ def test_kernels_mode_is_a_checked_config_choice():
     assert load_config(None, ["--model.blt.kernels", "torch"]).model.blt.kernels == "torch"
     with pytest.raises(ConfigError, match="kernels"):
         load_config(None, ["--model.blt.kernels", "cuda"])
+
+
+
+def test_kernels_inside_torch_compile_match_the_reference_across_shapes():
+    """Under torch.compile the kernels are opaque custom ops whose fake implementations give the
+    shapes: outputs and gradients equal the eager reference for two inputs of different sizes, and
+    the second reuses the dynamic graph (on torch 2.11 CUDA, kernels traced into the graph failed
+    to compile their backward)."""
+    torch._dynamo.reset()
+    recompilations = RecompilationCounter()
+    pool, unpool = (torch.compile(fn, dynamic=True) for fn in (patch_pool_attention, byte_to_slot_attention))
+    for seed, layout_name in enumerate(("patches_at_max_patch_length", "documents_and_padding")):
+        layout, generator = build_layout(layout_name, seed=seed)
+        batch, seq_len = layout.patch_ids.shape
+        slot_shape = (batch, layout.num_patches, SLOTS, HEADS, HEAD_DIM)
+        slot_kv_shape = (batch, layout.num_patches, SLOTS, KV_HEADS, HEAD_DIM)
+        byte_shape, byte_kv_shape = (batch, seq_len, HEADS, HEAD_DIM), (batch, seq_len, KV_HEADS, HEAD_DIM)
+        assert_kernel_matches_reference(reference.patch_pool_attention, pool, [slot_shape, byte_kv_shape, byte_kv_shape],
+                                        layout.patch_ids, torch.float32, generator)  # fmt: skip
+        assert_kernel_matches_reference(reference.byte_to_slot_attention, unpool,
+                                        [byte_shape, slot_kv_shape, slot_kv_shape], layout.source_patch,
+                                        torch.float32, generator)  # fmt: skip
+    embed = torch.compile(hash_ngram_embedding, dynamic=True)
+    for seq_len in (37, 45):
+        generator = torch.Generator().manual_seed(seq_len)
+        tokens = make_tokens(2, seq_len, docs_at=(19,), generator=generator).to(DEVICE)
+        module = HashNgramEmbedding([3, 4, 5], num_functions=2, table_size=31, dim=40, kernels="torch").to(DEVICE)
+        expected = module(tokens)
+        grad_out = torch.randn(expected.shape, generator=generator).to(DEVICE)
+        expected.backward(grad_out)
+        weight = module.weight.detach().clone().requires_grad_()
+        embed(tokens, weight, module.ngram_sizes, 2, 31, "atomic").backward(grad_out)
+        assert_matches(weight.grad, module.weight.grad, torch.float32)
+    assert recompilations.count == 0
