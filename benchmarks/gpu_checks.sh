@@ -47,6 +47,6 @@ part 120 profile python3 -m torch.distributed.run --standalone --nproc_per_node=
     --logging.interval=1 --train.val_interval=0 --train.val_batches=1 --checkpoint.interval=0 \
     --checkpoint.final=false --output_dir=/tmp/bltdist-profile --logging.profile_steps=[3] "${fit[@]}"
 part 60 profile_summary python3 benchmarks/trace_summary.py /tmp/bltdist-profile/profile/rank0_step3.json \
-    --top 30 --json "$OUT/results/profile_summary.json"
+    --top 30 --results-dir "$OUT/results"
 part 90 kernel_and_attention_tests python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
     tests/test_attention.py

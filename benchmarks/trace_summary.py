@@ -4,7 +4,10 @@ Prints the GPU kernels grouped into classes (matmul, attention, Triton, NCCL, el
 the top kernels by total time, the launch count, and GPU busy time against the step's wall time
 (busy far below wall means the step waits on the host: launches, syncs, Python).
 
-    python benchmarks/trace_summary.py runs/blt_1b/profile/rank0_step3.json [--top 25] [--json out.json]
+    python benchmarks/trace_summary.py runs/blt_1b/profile/rank0_step3.json [--top 25]
+
+Writes benchmarks/results/profile-<device>-<date>.json (config: the run's config.yaml beside the
+profile folder, and the step traced).
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ import argparse
 import json
 from collections import Counter
 from pathlib import Path
+
+import yaml
+from results import RESULTS_DIR, write_results
 
 # First match wins: the order puts the specific names before the generic ones.
 KERNEL_CLASSES = [
@@ -30,11 +36,11 @@ def kernel_class(name: str) -> str:
     return next((label for label, keys in KERNEL_CLASSES if any(k in lowered for k in keys)), "other")
 
 
-def summarize(trace_path: Path, top: int) -> dict:
-    events = json.loads(trace_path.read_text())["traceEvents"]
+def summarize(trace: dict, top: int) -> dict:
+    events = trace["traceEvents"]
     kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
     if not kernels:
-        raise SystemExit(f"trace_summary.py: error: {trace_path} holds no GPU kernels (a CPU-only trace?)")
+        raise SystemExit("trace_summary.py: error: the trace holds no GPU kernels (a CPU-only trace?)")
     by_name, by_class, launches = Counter(), Counter(), Counter()
     for e in kernels:
         by_name[e["name"]] += e["dur"]
@@ -44,7 +50,6 @@ def summarize(trace_path: Path, top: int) -> dict:
     wall_us = max(e["ts"] + e["dur"] for e in timed) - min(e["ts"] for e in timed)
     busy_us = sum(by_class.values())
     return {
-        "trace": str(trace_path),
         "wall_ms": wall_us / 1e3,
         "gpu_busy_ms": busy_us / 1e3,
         "gpu_busy_fraction": busy_us / wall_us,
@@ -59,17 +64,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("trace", type=Path)
     parser.add_argument("--top", type=int, default=25)
-    parser.add_argument("--json", type=Path, default=None, help="also write the summary here")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args()
-    summary = summarize(args.trace, args.top)
+    trace = json.loads(args.trace.read_text())
+    summary = summarize(trace, args.top)
     print(f"wall {summary['wall_ms']:.1f} ms, GPU busy {summary['gpu_busy_ms']:.1f} ms "
           f"({100 * summary['gpu_busy_fraction']:.0f}%), {summary['launches']} kernels")  # fmt: skip
     for label, ms in summary["classes_ms"].items():
         print(f"  {label:12s} {ms:9.1f} ms  {summary['class_launches'][label]:6d} launches")
     for name, ms in summary["top_kernels_ms"]:
         print(f"  {ms:9.2f} ms  {name}")
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=1))
+    device = trace["deviceProperties"][0]["name"]
+    run_config = args.trace.parent.parent / "config.yaml"
+    config = {"trace": args.trace.name, "run": yaml.safe_load(run_config.read_text()) if run_config.is_file() else None}
+    out = write_results("profile", device, config, summary, results_dir=args.results_dir,
+                        file_device=device.replace(" ", "_"))  # fmt: skip
+    print(f"written: {out}")
 
 
 if __name__ == "__main__":

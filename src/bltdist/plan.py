@@ -31,7 +31,6 @@ from bltdist.training.parallelize import meta_model
 from bltdist.training.state import build_training_state
 
 FP32 = 4
-FP64 = 8
 PROBE_SEQ_LEN = 1024
 
 
@@ -42,8 +41,6 @@ class ParameterCounts:
     root: int
     units: list[int]
     unit_norms: int  # norm gains inside units: not split by tensor parallelism
-    largest_root_tensor: int  # elements of the largest single parameter outside units
-    largest_unit_tensor: int  # ... and inside units (split by tensor parallelism)
 
     @property
     def total(self) -> int:
@@ -56,10 +53,7 @@ def count_parameters(cfg: Config) -> ParameterCounts:
     in_units = {id(p) for m in units for p in m.parameters()}
     root = sum(p.numel() for p in model.parameters() if id(p) not in in_units)
     norms = sum(p.numel() for m in units for p in m.parameters() if p.ndim == 1)
-    largest_root = max((p.numel() for p in model.parameters() if id(p) not in in_units), default=0)
-    largest_unit = max((p.numel() for m in units for p in m.parameters()), default=0)
-    return ParameterCounts(root, [sum(p.numel() for p in m.parameters()) for m in units], norms, largest_root,
-                           largest_unit)  # fmt: skip
+    return ParameterCounts(root, [sum(p.numel() for p in m.parameters()) for m in units], norms)
 
 
 def _layer_keys(cfg: Config) -> tuple[str, ...]:
@@ -193,8 +187,7 @@ def estimate(cfg: Config, layout: ParallelDims, counts: ParameterCounts, activat
         root_flat_output = root_gathered * (gathered_copies - 1)  # the root's re-gather in its pre-backward
         prefetched_unit = gathered_copies * largest_unit * compute_bytes  # next, once that flat output is freed
         fsdp_buffers = root_gathered + max(root_flat_output, prefetched_unit)
-    largest_local_tensor = max(counts.largest_root_tensor, counts.largest_unit_tensor / layout.tp) / shard
-    step_extra = local_params * FP32 + largest_local_tensor * 2 * FP64  # sharded grads; clip's fp64 copy and square
+    step_extra = local_params * FP32  # sharded gradients
     act = activations.bytes_per_rank(cfg, layout, microbatches)
 
     speed, notes = 1.0, []

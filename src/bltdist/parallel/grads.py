@@ -40,7 +40,8 @@ def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float, stage_size: 
     squared = torch.tensor(0.0 if math.isfinite(local_loss) else math.nan, dtype=torch.float64, device=device)
     for grad in grads:
         copies = stage_size // _distinct_shards(grad)
-        squared += _local(grad).double().square().sum() / copies
+        # An fp32 norm per gradient, squares summed in fp64: no fp64 copy of a (hash-table-sized) gradient.
+        squared += torch.linalg.vector_norm(_local(grad), dtype=torch.float32).double().square() / copies
     if dist.is_initialized():
         dist.all_reduce(squared)
     total = float(squared.sqrt())
