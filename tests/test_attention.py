@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from bltdist.config import load_config
 from bltdist.model import attention
 from bltdist.model.attention import (
     SelfAttentionMask,
@@ -20,6 +21,7 @@ from bltdist.model.attention import (
     patch_pool_attention,
     resolve_backend,
 )
+from bltdist.training.state import patch_attention_compiles_per_shape
 
 CUDA = torch.device("cuda")  # only a name here: resolving a backend touches no CUDA state
 CPU = torch.device("cpu")
@@ -141,6 +143,18 @@ def test_auto_without_flash_attn_uses_flex_on_cuda():
             resolve_backend("xformers", CPU)
     finally:
         attention.flash_attn_available.cache_clear()
+
+
+def test_patch_counts_are_bucketed_where_the_global_attention_is_compiled_flex(fake_flash_attn):
+    """Eager runs bucket patch counts (bltdist.training.step.Stepper) exactly when the global model's
+    attention is compiled FlexAttention, which compiles a graph per patch count."""
+    blt_1b = load_config("configs/blt_1b.yaml", [])
+    assert patch_attention_compiles_per_shape(blt_1b, CUDA, bf16=False)  # fp32 never reaches flash-attn
+    assert not patch_attention_compiles_per_shape(blt_1b, CUDA, bf16=True)  # flash-attn: any length
+    assert not patch_attention_compiles_per_shape(blt_1b, CPU, bf16=True)  # SDPA
+    flex = load_config("configs/blt_1b.yaml", ["--model.attention_backend=flex"])
+    assert patch_attention_compiles_per_shape(flex, CUDA, bf16=True)
+    assert not patch_attention_compiles_per_shape(load_config("configs/entropy_tiny.yaml", []), CUDA, bf16=False)
 
 
 @pytest.mark.parametrize("window", [None, 7])

@@ -12,7 +12,9 @@ import torch
 
 from bltdist.config import BLTConfig
 from bltdist.model import BLT
-from bltdist.patching.rules import pad_patch_lengths, patch_count_bucket, patch_lengths, patch_starts
+from bltdist.patching.rules import (
+    COMPILED_BUCKET_BITS, FLEX_BUCKET_BITS, pad_patch_lengths, patch_count_bucket, patch_lengths, patch_starts,
+)  # fmt: skip
 from test_parallel import train_lines
 from test_train import REPO
 from processes import launcher
@@ -34,9 +36,18 @@ def test_patch_count_buckets_pad_at_most_a_quarter_and_stay_few():
             assert bucket % multiple == 0 and count <= bucket <= max(1.25 * count, count + multiple - 1)
     assert {patch_count_bucket(count) for count in range(1025, 2049)} == {1280, 1536, 1792, 2048}
     lengths = torch.tensor([[1, 4, 4, 3], [1, 1, 10, 0]])
-    padded = pad_patch_lengths(lengths, 2, bucketed=True)
+    padded = pad_patch_lengths(lengths, 2, COMPILED_BUCKET_BITS)
     assert padded.shape == (2, 4) and torch.equal(padded, lengths)
-    assert pad_patch_lengths(torch.ones(1, 9, dtype=torch.long), 4, bucketed=True).shape == (1, 12)
+    assert pad_patch_lengths(torch.ones(1, 9, dtype=torch.long), 4, COMPILED_BUCKET_BITS).shape == (1, 12)
+
+
+def test_flex_buckets_pad_at_most_a_sixteenth():
+    for count in range(1, 20000):
+        bucket = patch_count_bucket(count, 2, FLEX_BUCKET_BITS)
+        assert bucket % 2 == 0 and count <= bucket <= max(count * 17 / 16, count + 1)
+    # BLT-1B's 8192 bytes in static patches of 4 (plus one per document): one bucket, 6% padding.
+    assert {patch_count_bucket(count, 1, FLEX_BUCKET_BITS) for count in range(2049, 2177)} == {2176}
+    assert len({patch_count_bucket(count, 1, FLEX_BUCKET_BITS) for count in range(1025, 2049)}) == 16
 
 
 def test_bucket_padding_leaves_the_logits_unchanged():
@@ -49,7 +60,7 @@ def test_bucket_padding_leaves_the_logits_unchanged():
     tokens[:, 0] = 1
     tokens[1, 20] = 1  # a second document
     lengths = patch_lengths(patch_starts(tokens, "static", patch_size=3))
-    padded = pad_patch_lengths(lengths, 1, bucketed=True)
+    padded = pad_patch_lengths(lengths, 1, COMPILED_BUCKET_BITS)
     assert padded.shape[1] > lengths.shape[1]
     torch.testing.assert_close(model(tokens, padded), model(tokens, lengths), rtol=1e-5, atol=1e-5)
 

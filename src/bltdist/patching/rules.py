@@ -19,6 +19,11 @@ from bltdist.patching.tokens import BOS_ID, BYTE_OFFSET, document_ids
 
 PATCH_MODES = ("static", "space", "entropy")
 THRESHOLD_MODES = ("global", "monotonic")
+# Bucket sizes for patch counts (significant bits kept): compiled blocks recompile the whole model for
+# every count, so few buckets (at most 25% padding); eager FlexAttention recompiles only its kernels
+# (about a second each), so finer ones (at most 6.25% padding, 16 sizes per doubling).
+COMPILED_BUCKET_BITS = 3
+FLEX_BUCKET_BITS = 5
 
 
 def patch_starts(
@@ -86,15 +91,16 @@ def patch_lengths(starts: torch.Tensor) -> torch.Tensor:
     return lengths.scatter_add_(1, ids, torch.ones_like(ids))
 
 
-def pad_patch_lengths(lengths: torch.Tensor, multiple: int, bucketed: bool = False) -> torch.Tensor:
+def pad_patch_lengths(lengths: torch.Tensor, multiple: int, bucket_bits: int | None = None) -> torch.Tensor:
     """Right-pads (B, P) patch lengths with zero-length patches to a multiple of ``multiple``, or
-    with ``bucketed`` to ``patch_count_bucket(P, multiple)``.
+    with ``bucket_bits`` to ``patch_count_bucket(P, multiple, bucket_bits)``.
 
     Zero-length patches hold no bytes: they pool nothing, no byte reads them in the decoder, and
     they form a document of their own in the global model, so real patches never see them. Parallel
     layouts pad so that patches split evenly (tp, 2 x cp) and pipeline shapes repeat (buckets)."""
     count = lengths.shape[1]
-    missing = (patch_count_bucket(count, multiple) if bucketed else count + -count % multiple) - count
+    bucket = count + -count % multiple if bucket_bits is None else patch_count_bucket(count, multiple, bucket_bits)
+    missing = bucket - count
     return F.pad(lengths, (0, missing)) if missing else lengths
 
 
@@ -155,12 +161,12 @@ def _group_patches(docs: list[int], sums: list[float], threshold: float, max_pat
     return sizes
 
 
-def patch_count_bucket(count: int, multiple: int = 1) -> int:
-    """``count`` rounded up to three significant bits (..., 96, 112, 128, 160, 192, 224, 256, ...),
-    then to a multiple of ``multiple``: at most 25% padding, and three or four sizes per doubling.
-    Compiled graphs are specialised to the patch count, so these buckets bound how many a run
-    compiles whatever its patch counts."""
-    granularity = 1 << max(0, count.bit_length() - 3)
+def patch_count_bucket(count: int, multiple: int = 1, significant_bits: int = COMPILED_BUCKET_BITS) -> int:
+    """``count`` rounded up to ``significant_bits`` significant bits (three: ..., 96, 112, 128, 160,
+    192, 224, 256, ...), then to a multiple of ``multiple``: at most 2 ** (1 - bits) padding (25% at
+    three bits) and 2 ** (bits - 1) sizes per doubling. Compiled graphs are specialised to the patch
+    count, so these buckets bound how many a run compiles whatever its patch counts."""
+    granularity = 1 << max(0, count.bit_length() - significant_bits)
     rounded = -(-count // granularity) * granularity
     return -(-rounded // multiple) * multiple
 

@@ -27,7 +27,7 @@ from bltdist.parallel.context import ContextParallelLayout, ContextParallelSeque
 from bltdist.parallel.grads import clip_grad_norm, first_nonfinite_gradient
 from bltdist.parallel.pipeline import BLTPipeline
 from bltdist.patching.patcher import Patcher
-from bltdist.patching.rules import pad_patch_lengths
+from bltdist.patching.rules import COMPILED_BUCKET_BITS, FLEX_BUCKET_BITS, pad_patch_lengths
 from bltdist.tokenizer import BPETokenizer
 
 # Pipeline stages size their buffers by the padded patch count; padding it to a multiple of this
@@ -40,7 +40,8 @@ class Stepper:
 
     def __init__(self, model_parts: list[torch.nn.Module], dims: ParallelDims, mesh: Meshes | None,
                  patcher: Patcher | None, train: TrainConfig, local_window: int | None, autocast,
-                 device: torch.device, tokenizer: BPETokenizer | None = None, entropy_training=None):  # fmt: skip
+                 device: torch.device, tokenizer: BPETokenizer | None = None, entropy_training=None,
+                 flex_per_shape: bool = False):  # fmt: skip
         self.model_parts, self.patcher, self.autocast, self.local_window = model_parts, patcher, autocast, local_window
         # bltdist.training.entropy_training: the threshold held at its target, a jointly trained entropy model.
         self.entropy_training = entropy_training
@@ -48,8 +49,9 @@ class Stepper:
         self.cp_group = mesh["cp"].get_group() if dims.cp > 1 else None
         # Sequence parallelism splits each cp rank's patches evenly over tp; cp chunks come in 2 x cp.
         self.patch_multiple = dims.tp * (2 * dims.cp if dims.cp > 1 else 1)
-        # Compiled blocks are specialised to the patch count: bucketing it bounds the graphs compiled.
-        self.bucket_patches = train.compile
+        # Compiled blocks are specialised to the patch count, and so is FlexAttention in eager runs
+        # (past its recompile limit it would run eager, slowly and silently): buckets bound the graphs.
+        self.bucket_bits = COMPILED_BUCKET_BITS if train.compile else FLEX_BUCKET_BITS if flex_per_shape else None
         self.counts_patches = dims.cp == 1 or mesh["cp"].get_local_rank() == 0
         self.loss_divisor = train.global_batch_size * train.seq_len / dims.dp_cp
         self.pipeline = None
@@ -90,7 +92,7 @@ class Stepper:
             lengths = self.patcher(tokens, entropies) if patch_lengths is None else patch_lengths
             super_lengths = self.patcher.super_patch_lengths(tokens, lengths, entropies)
             num_patches = int((lengths > 0).sum()) if self.counts_patches else 0
-            lengths = pad_patch_lengths(lengths, self.patch_multiple, bucketed=self.bucket_patches)
+            lengths = pad_patch_lengths(lengths, self.patch_multiple, self.bucket_bits)
         with self.autocast:
             if self.pipeline is not None:
                 if backward:
