@@ -38,8 +38,9 @@ small_card=$(python3 -c "import torch; print(int(torch.cuda.get_device_propertie
 fit=()
 [ "$small_card" = 1 ] && fit=(--model.blt.hash_vocab=100002) && echo "card under 100 GB: ${fit[*]}"
 # One GPU: global batch 8 of 8192 bytes (micro 1, so 8 micro-steps) instead of the config's 256.
-part 160 mfu python3 benchmarks/mfu.py --configs configs/blt_1b.yaml --seq-lens 8192 --layouts fsdp \
-    --steps 4 --results-dir "$OUT/results" --overrides --train.global_batch_size=8 --train.micro_batch_size=1 \
+# 10 steps: the first intervals hold the warm-up's compilations, the median should not.
+part 200 mfu python3 benchmarks/mfu.py --configs configs/blt_1b.yaml --seq-lens 8192 --layouts fsdp \
+    --steps 10 --results-dir "$OUT/results" --overrides --train.global_batch_size=8 --train.micro_batch_size=1 \
     "${fit[@]}"
 # One profiled step of one sequence: where the GPU time goes and how much of the step the GPU idles.
 part 120 profile python3 -m torch.distributed.run --standalone --nproc_per_node=1 -m bltdist.train \
