@@ -246,7 +246,7 @@ def _patch_pool_forward(
     batch, num_patches, slots, heads, head_dim = slot_q.shape
     seq_len, kv_heads = byte_k.shape[1], byte_k.shape[2]
     # A stable sort visits each patch's bytes as one run, in their original order.
-    sorted_ids, byte_order = torch.sort(patch_ids, dim=1, stable=True)
+    sorted_ids, byte_order = torch.sort(patch_ids.contiguous(), dim=1, stable=True)
     segment_ends = torch.zeros(batch, num_patches, dtype=torch.int64, device=patch_ids.device)
     segment_ends.scatter_add_(1, sorted_ids, torch.ones_like(sorted_ids))
     segment_ends = torch.cumsum(segment_ends, dim=1)
@@ -263,7 +263,9 @@ def _patch_pool_forward(
 def _(slot_q, byte_k, byte_v, patch_ids):
     batch, num_patches, slots, heads, _ = slot_q.shape
     lse = slot_q.new_empty(batch, num_patches, slots, heads, dtype=torch.float32)
-    return torch.empty_like(slot_q), lse, torch.empty_like(patch_ids), patch_ids.new_empty(batch, num_patches)
+    # Contiguous, as the real outputs are whatever the inputs' strides.
+    order, ends = patch_ids.new_empty(patch_ids.shape), patch_ids.new_empty(batch, num_patches)
+    return slot_q.new_empty(slot_q.shape), lse, order, ends
 
 
 @torch.library.custom_op("bltdist::patch_pool_attention_backward", mutates_args=())
@@ -288,7 +290,7 @@ def _patch_pool_backward(
 
 @_patch_pool_backward.register_fake
 def _(grad_out, slot_q, byte_k, byte_v, out, lse, byte_order, segment_ends):
-    return torch.empty_like(slot_q), torch.empty_like(byte_k), torch.empty_like(byte_v)
+    return slot_q.new_empty(slot_q.shape), byte_k.new_empty(byte_k.shape), byte_v.new_empty(byte_v.shape)
 
 
 def _pool_blocks(slots: int, head_dim: int) -> dict:
@@ -332,7 +334,7 @@ def _byte_to_slot_forward(
 @_byte_to_slot_forward.register_fake
 def _(byte_q, slot_k, slot_v, source_patch):
     batch, seq_len, heads, _ = byte_q.shape
-    return torch.empty_like(byte_q), byte_q.new_empty(batch, seq_len, heads, dtype=torch.float32)
+    return byte_q.new_empty(byte_q.shape), byte_q.new_empty(batch, seq_len, heads, dtype=torch.float32)
 
 
 @torch.library.custom_op("bltdist::byte_to_slot_attention_backward", mutates_args=())
@@ -356,7 +358,7 @@ def _byte_to_slot_backward(
 
 @_byte_to_slot_backward.register_fake
 def _(grad_out, byte_q, slot_k, slot_v, out, lse, source_patch):
-    return torch.empty_like(byte_q), torch.empty_like(slot_k), torch.empty_like(slot_v)
+    return byte_q.new_empty(byte_q.shape), slot_k.new_empty(slot_k.shape), slot_v.new_empty(slot_v.shape)
 
 
 def _byte_to_slot_grad(ctx, grad_out, _no_grad_lse):
