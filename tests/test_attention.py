@@ -21,7 +21,7 @@ from bltdist.model.attention import (
     patch_pool_attention,
     resolve_backend,
 )
-from bltdist.training.state import patch_attention_compiles_per_shape
+from bltdist.training.parallelize import meta_model
 
 CUDA = torch.device("cuda")  # only a name here: resolving a backend touches no CUDA state
 CPU = torch.device("cpu")
@@ -146,15 +146,18 @@ def test_auto_without_flash_attn_uses_flex_on_cuda():
 
 
 def test_patch_counts_are_bucketed_where_the_global_attention_is_compiled_flex(fake_flash_attn):
-    """Eager runs bucket patch counts (bltdist.training.step.Stepper) exactly when the global model's
-    attention is compiled FlexAttention, which compiles a graph per patch count."""
-    blt_1b = load_config("configs/blt_1b.yaml", [])
-    assert patch_attention_compiles_per_shape(blt_1b, CUDA, bf16=False)  # fp32 never reaches flash-attn
-    assert not patch_attention_compiles_per_shape(blt_1b, CUDA, bf16=True)  # flash-attn: any length
-    assert not patch_attention_compiles_per_shape(blt_1b, CPU, bf16=True)  # SDPA
-    flex = load_config("configs/blt_1b.yaml", ["--model.attention_backend=flex"])
-    assert patch_attention_compiles_per_shape(flex, CUDA, bf16=True)
-    assert not patch_attention_compiles_per_shape(load_config("configs/entropy_tiny.yaml", []), CUDA, bf16=False)
+    """Training (bltdist.training.step.Stepper) and evaluation bucket patch counts exactly when the
+    global model's attention is compiled FlexAttention, which compiles a graph per patch count."""
+    def per_shape(overrides, device, dtype, needs_grad=True):
+        model = meta_model(load_config("configs/blt_1b.yaml", overrides).model)
+        return model.global_attention_compiles_per_shape(device, dtype, needs_grad)
+
+    assert per_shape([], CUDA, torch.float32)  # fp32 never reaches flash-attn
+    assert not per_shape([], CUDA, torch.bfloat16)  # flash-attn takes any length
+    assert not per_shape([], CPU, torch.bfloat16)  # SDPA
+    assert per_shape(["--model.attention_backend=flex"], CUDA, torch.bfloat16)
+    assert per_shape(["--model.attention_backend=flex"], CPU, torch.float32, needs_grad=False)
+    assert not per_shape(["--model.attention_backend=flex"], CPU, torch.float32, needs_grad=True)
 
 
 @pytest.mark.parametrize("window", [None, 7])

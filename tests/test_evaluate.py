@@ -14,6 +14,7 @@ from bltdist.data import build_datasets
 from bltdist.evaluate import NOISE_KINDS, Evaluator, Share, document_group, first_rows, packed_rows
 from bltdist.evaluate import main as evaluate_main
 from bltdist.generate import load_for_generation
+from bltdist.patching.rules import FLEX_BUCKET_BITS, patch_count_bucket
 from test_generate import PATCHINGS, save_blt, save_entropy_model
 from test_train import SMALL, read_metrics, run_trainer
 from processes import launcher, side_by_side
@@ -62,6 +63,25 @@ def test_rank_shares_add_up_to_the_whole(split, tmp_path):
     assert sum(share["loss"] for share in shares) == pytest.approx(whole["loss"], rel=1e-6)
     if split == "heldout":
         assert whole["tokens"] == 30 * 24
+
+
+def test_flex_evaluation_buckets_patch_counts_and_keeps_the_figures(tmp_path):
+    """Where the global attention is compiled FlexAttention (here: CPU without gradients), evaluation
+    pads patch counts to FLEX_BUCKET_BITS buckets with inert patches: the figures stay SDPA's."""
+    model, patching, _ = load_for_generation(save_blt(tmp_path / "model", PATCHINGS["static"]))
+    documents = [f"row {i}: {'abc ' * i} x\n".encode() for i in range(40)]
+    patch_counts = []
+    model.register_forward_pre_hook(lambda _, args: patch_counts.append(args[1].shape[1]))
+    sdpa = Evaluator(model, patching, None, 120, torch.device("cpu"))
+    expected = sdpa.sums(packed_rows(documents, 120, None, Share(), 2))
+    model.attention_backend = "flex"
+    flex = Evaluator(model, patching, None, 120, torch.device("cpu"))
+    sdpa_counts, patch_counts[:] = patch_counts[:], []
+    observed = flex.sums(packed_rows(documents, 120, None, Share(), 2))
+    assert (sdpa.bucket_bits, flex.bucket_bits) == (None, FLEX_BUCKET_BITS)
+    assert patch_counts == [patch_count_bucket(count, 1, FLEX_BUCKET_BITS) for count in sdpa_counts] != sdpa_counts
+    assert observed["tokens"] == expected["tokens"] and observed["patches"] == expected["patches"]
+    assert observed["loss"] == pytest.approx(expected["loss"], rel=1e-5)
 
 
 def run_evaluate(args: list[str], nproc: int) -> subprocess.CompletedProcess:

@@ -48,7 +48,9 @@ from bltdist.model import BLT
 from bltdist.model.loss import byte_loss_sum
 from bltdist.model_dir import CONFIG_FILE
 from bltdist.patching.entropy import EntropyModel, OnlineEntropies
-from bltdist.patching.rules import entropy_super_patch_lengths, patch_lengths, patch_starts
+from bltdist.patching.rules import (
+    FLEX_BUCKET_BITS, entropy_super_patch_lengths, pad_patch_lengths, patch_lengths, patch_starts,
+)  # fmt: skip
 from bltdist.patching.tokens import document_tokens
 from bltdist.training.step import Reporter
 
@@ -140,6 +142,10 @@ class Evaluator:
                  device: torch.device):  # fmt: skip
         self.model, self.patching, self.entropy_model = model.to(device), patching, entropy_model
         self.seq_len, self.device = seq_len, device
+        # As in training (bltdist.training.step): bucket patch counts where FlexAttention compiles per shape.
+        dtype = next(model.parameters()).dtype
+        per_shape = model.global_attention_compiles_per_shape(device, dtype, needs_grad=False)
+        self.bucket_bits = FLEX_BUCKET_BITS if per_shape else None
 
     @torch.no_grad()
     def sums(self, batches: Iterator[Batch]) -> dict:
@@ -151,7 +157,8 @@ class Evaluator:
             lengths = patch_lengths(patch_starts(inputs, self.patching.mode, entropies=entropies,
                                                  **rule_settings(self.patching)))  # fmt: skip
             grouped = entropy_super_patch_lengths(self.model.cfg.super_patch, inputs, lengths, entropies)
-            loss += float(byte_loss_sum(self.model(inputs, lengths, super_patch_lengths=grouped), targets))
+            padded = pad_patch_lengths(lengths, 1, self.bucket_bits)
+            loss += float(byte_loss_sum(self.model(inputs, padded, super_patch_lengths=grouped), targets))
             predicted += targets.numel()
             patches += int((lengths > 0).sum())
         return {"loss": loss, "tokens": predicted, "patches": patches}

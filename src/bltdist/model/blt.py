@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from bltdist.model.attention import AttentionMask, SelfAttentionMask, check_backend
+from bltdist.model.attention import AttentionMask, SelfAttentionMask, check_backend, resolve_backend
 from bltdist.model.hash_embedding import HashNgramEmbedding
 from bltdist.model.layers import CrossAttention, RMSNorm, TransformerBlock, rotary_table
 from bltdist.model.super_patch import SuperPatchGlobal
@@ -267,6 +267,12 @@ class BLT(nn.Module):
 
     def backend(self, device: torch.device) -> str:
         return check_backend(self.attention_backend, device)
+
+    def global_attention_compiles_per_shape(self, device: torch.device, dtype: torch.dtype, needs_grad: bool) -> bool:
+        """The global model attends with compiled FlexAttention, whose graphs are specialised to the
+        patch count even when the model is not compiled: callers bucket patch counts for it."""
+        head_dim = self.cfg.global_dim // self.cfg.global_heads
+        return resolve_backend(self.attention_backend, device, dtype, needs_grad, head_dim) == "flex"
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from bltdist.config import Config, TrainConfig
-from bltdist.model.attention import resolve_backend
+from bltdist.model import BLT
 from bltdist.parallel import Meshes, ParallelDims
 from bltdist.patching.patcher import Patcher
 from bltdist.tokenizer import load_run_tokenizer
@@ -65,17 +65,6 @@ def uses_bf16(train: TrainConfig, device: torch.device) -> bool:
     return train.dtype == "bfloat16" or (train.dtype == "auto" and device.type == "cuda")
 
 
-def patch_attention_compiles_per_shape(cfg: Config, device: torch.device, bf16: bool) -> bool:
-    """The global model's attention runs compiled FlexAttention, whose graphs are specialised to the
-    patch count even when the model itself is not compiled."""
-    if cfg.model.arch != "blt":
-        return False
-    blt = cfg.model.blt
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    head_dim = blt.global_dim // blt.global_heads
-    return resolve_backend(cfg.model.attention_backend, device, dtype, needs_grad=True, head_dim=head_dim) == "flex"
-
-
 def build_training_state(cfg: Config, world_size: int | None = None) -> TrainingState:
     """Starts the process group (when there are several processes; torchrun's environment says how
     many), builds the mesh, the model parts, the optimizer and schedule, the patcher and the stepper."""
@@ -93,6 +82,8 @@ def build_training_state(cfg: Config, world_size: int | None = None) -> Training
     bf16 = uses_bf16(cfg.train, device)
     model = meta_model(cfg.model)
     parameter_count = sum(p.numel() for p in model.parameters())
+    compute_dtype = torch.bfloat16 if bf16 else torch.float32
+    flex_per_shape = isinstance(model, BLT) and model.global_attention_compiles_per_shape(device, compute_dtype, True)
     model_parts = parallelize(model, dims, mesh, cfg.train, bf16)
     materialize(model_parts, model, cfg.train.seed, cfg.checkpoint.init_from, device)
     del model  # a pipeline rank keeps only its own stages; the others' stay on the meta device
@@ -109,5 +100,5 @@ def build_training_state(cfg: Config, world_size: int | None = None) -> Training
     # The byte attention's window: the local layers' for BLT, the whole network's for a plain LM.
     window = cfg.model.blt.local_window if cfg.model.arch == "blt" else cfg.model.entropy.window
     stepper = Stepper(model_parts, dims, mesh, patcher, cfg.train, window, autocast, device, tokenizer,
-                      entropy_training, flex_per_shape=patch_attention_compiles_per_shape(cfg, device, bf16))  # fmt: skip
+                      entropy_training, flex_per_shape)  # fmt: skip
     return TrainingState(device, dims, mesh, model_parts, parameter_count, optimizer, scheduler, patcher, stepper)
