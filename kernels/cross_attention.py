@@ -29,6 +29,13 @@ BLOCK_BYTES = 16
 
 
 @triton.jit
+def _softmax_scale(head_dim):
+    # From head_dim, not a float argument: under torch.compile with dynamic shapes such an argument
+    # arrived as fp64 or, computed from a symbolic head dim, was launched into an integer slot.
+    return 1.0 / tl.sqrt(tl.cast(head_dim, tl.float32))
+
+
+@triton.jit
 def _patch_program_queries(
     q_ptr, segment_ends_ptr, num_patches, slots, heads, kv_heads, head_dim,
     S_PAD: tl.constexpr, D_PAD: tl.constexpr,
@@ -75,9 +82,7 @@ def _pool_forward_kernel(
     seq_len, num_patches, slots, heads, kv_heads, head_dim,
     S_PAD: tl.constexpr, BLOCK_T: tl.constexpr, D_PAD: tl.constexpr,
 ):
-    # From head_dim, not an argument: under torch.compile with dynamic shapes a float argument arrives as
-    # fp64 or, computed from a symbolic head dim, is launched into an integer slot.
-    scale = 1.0 / tl.sqrt(tl.cast(head_dim, tl.float32))
+    scale = _softmax_scale(head_dim)
     row, head, kv_head, start, end, dims, dim_mask, slot_mask, q, q_mask, q_offsets, lse_offsets = (
         _patch_program_queries(q_ptr, segment_ends_ptr, num_patches, slots, heads, kv_heads, head_dim, S_PAD, D_PAD)
     )
@@ -111,9 +116,7 @@ def _pool_backward_kernel(
     seq_len, num_patches, slots, heads, kv_heads, head_dim,
     S_PAD: tl.constexpr, BLOCK_T: tl.constexpr, D_PAD: tl.constexpr,
 ):
-    # From head_dim, not an argument: under torch.compile with dynamic shapes a float argument arrives as
-    # fp64 or, computed from a symbolic head dim, is launched into an integer slot.
-    scale = 1.0 / tl.sqrt(tl.cast(head_dim, tl.float32))
+    scale = _softmax_scale(head_dim)
     row, head, kv_head, start, end, dims, dim_mask, slot_mask, q, q_mask, q_offsets, lse_offsets = (
         _patch_program_queries(q_ptr, segment_ends_ptr, num_patches, slots, heads, kv_heads, head_dim, S_PAD, D_PAD)
     )
@@ -174,9 +177,7 @@ def _unpool_forward_kernel(
     seq_len, num_patches, slots, heads, kv_heads, head_dim,
     BLOCK_T: tl.constexpr, D_PAD: tl.constexpr,
 ):
-    # From head_dim, not an argument: under torch.compile with dynamic shapes a float argument arrives as
-    # fp64 or, computed from a symbolic head dim, is launched into an integer slot.
-    scale = 1.0 / tl.sqrt(tl.cast(head_dim, tl.float32))
+    scale = _softmax_scale(head_dim)
     head, kv_head, in_row, dims, mask, q, q_offsets, slot_base, lse_offsets = _byte_program_queries(
         q_ptr, source_patch_ptr, seq_len, num_patches, slots, heads, kv_heads, head_dim, BLOCK_T, D_PAD
     )
@@ -205,9 +206,7 @@ def _unpool_backward_kernel(
     seq_len, num_patches, slots, heads, kv_heads, head_dim,
     BLOCK_T: tl.constexpr, D_PAD: tl.constexpr,
 ):
-    # From head_dim, not an argument: under torch.compile with dynamic shapes a float argument arrives as
-    # fp64 or, computed from a symbolic head dim, is launched into an integer slot.
-    scale = 1.0 / tl.sqrt(tl.cast(head_dim, tl.float32))
+    scale = _softmax_scale(head_dim)
     head, kv_head, in_row, dims, mask, q, q_offsets, slot_base, lse_offsets = _byte_program_queries(
         q_ptr, source_patch_ptr, seq_len, num_patches, slots, heads, kv_heads, head_dim, BLOCK_T, D_PAD
     )
