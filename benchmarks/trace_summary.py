@@ -43,9 +43,10 @@ def summarize(trace: dict, top: int) -> dict:
         raise SystemExit("trace_summary.py: error: the trace holds no GPU kernels (a CPU-only trace?)")
     by_name, by_class, launches = Counter(), Counter(), Counter()
     for e in kernels:
+        label = kernel_class(e["name"])
         by_name[e["name"]] += e["dur"]
-        by_class[kernel_class(e["name"])] += e["dur"]
-        launches[kernel_class(e["name"])] += 1
+        by_class[label] += e["dur"]
+        launches[label] += 1
     timed = [e for e in events if e.get("ph") == "X" and "dur" in e and "ts" in e]
     wall_us = max(e["ts"] + e["dur"] for e in timed) - min(e["ts"] for e in timed)
     busy_us = sum(by_class.values())

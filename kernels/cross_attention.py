@@ -241,11 +241,10 @@ def _patch_pool_forward(
     slot_q: torch.Tensor, byte_k: torch.Tensor, byte_v: torch.Tensor, patch_ids: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, lse, byte_order, segment_ends): the output and what its backward needs."""
-    slot_q, byte_k, byte_v = slot_q.contiguous(), byte_k.contiguous(), byte_v.contiguous()
     batch, num_patches, slots, heads, head_dim = slot_q.shape
     seq_len, kv_heads = byte_k.shape[1], byte_k.shape[2]
     # A stable sort visits each patch's bytes as one run, in their original order.
-    sorted_ids, byte_order = torch.sort(patch_ids.contiguous(), dim=1, stable=True)
+    sorted_ids, byte_order = torch.sort(patch_ids, dim=1, stable=True)
     segment_ends = torch.zeros(batch, num_patches, dtype=torch.int64, device=patch_ids.device)
     segment_ends.scatter_add_(1, sorted_ids, torch.ones_like(sorted_ids))
     segment_ends = torch.cumsum(segment_ends, dim=1)
@@ -262,7 +261,6 @@ def _patch_pool_forward(
 def _(slot_q, byte_k, byte_v, patch_ids):
     batch, num_patches, slots, heads, _ = slot_q.shape
     lse = slot_q.new_empty(batch, num_patches, slots, heads, dtype=torch.float32)
-    # Contiguous, as the real outputs are whatever the inputs' strides.
     order, ends = patch_ids.new_empty(patch_ids.shape), patch_ids.new_empty(batch, num_patches)
     return slot_q.new_empty(slot_q.shape), lse, order, ends
 
@@ -272,7 +270,6 @@ def _patch_pool_backward(
     grad_out: torch.Tensor, slot_q: torch.Tensor, byte_k: torch.Tensor, byte_v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, byte_order: torch.Tensor, segment_ends: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    slot_q, byte_k, byte_v = slot_q.contiguous(), byte_k.contiguous(), byte_v.contiguous()
     batch, num_patches, slots, heads, head_dim = slot_q.shape
     seq_len, kv_heads = byte_k.shape[1], byte_k.shape[2]
     grad_q = torch.empty_like(slot_q)
@@ -318,13 +315,12 @@ def _byte_to_slot_forward(
     byte_q: torch.Tensor, slot_k: torch.Tensor, slot_v: torch.Tensor, source_patch: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse)."""
-    byte_q, slot_k, slot_v = byte_q.contiguous(), slot_k.contiguous(), slot_v.contiguous()
     batch, seq_len, heads, head_dim = byte_q.shape
     num_patches, slots, kv_heads = slot_k.shape[1], slot_k.shape[2], slot_k.shape[3]
     out = torch.empty_like(byte_q)
     lse = torch.empty(batch, seq_len, heads, dtype=torch.float32, device=byte_q.device)
     _unpool_forward_kernel[(batch, heads, triton.cdiv(seq_len, BLOCK_BYTES))](
-        byte_q, slot_k, slot_v, source_patch.contiguous(), out, lse,
+        byte_q, slot_k, slot_v, source_patch, out, lse,
         seq_len, num_patches, slots, heads, kv_heads, head_dim, **_unpool_blocks(head_dim),
     )
     return out, lse
@@ -341,14 +337,13 @@ def _byte_to_slot_backward(
     grad_out: torch.Tensor, byte_q: torch.Tensor, slot_k: torch.Tensor, slot_v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, source_patch: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    byte_q, slot_k, slot_v = byte_q.contiguous(), slot_k.contiguous(), slot_v.contiguous()
     batch, num_patches, slots, kv_heads, head_dim = slot_k.shape
     seq_len, heads = byte_q.shape[1], byte_q.shape[2]
     grad_q = torch.empty_like(byte_q)
     grad_k = torch.zeros(batch, num_patches, slots, heads, head_dim, dtype=torch.float32, device=slot_k.device)
     grad_v = torch.zeros_like(grad_k)
     _unpool_backward_kernel[(batch, heads, triton.cdiv(seq_len, BLOCK_BYTES))](
-        byte_q, slot_k, slot_v, out, grad_out.contiguous(), lse, source_patch.contiguous(), grad_q, grad_k, grad_v,
+        byte_q, slot_k, slot_v, out, grad_out.contiguous(), lse, source_patch, grad_q, grad_k, grad_v,
         seq_len, num_patches, slots, heads, kv_heads, head_dim, **_unpool_blocks(head_dim),
     )
     grad_k, grad_v = (_sum_head_groups(grad, kv_heads).to(slot_k.dtype) for grad in (grad_k, grad_v))
@@ -370,12 +365,17 @@ _byte_to_slot_forward.register_autograd(_byte_to_slot_grad, setup_context=_save_
 
 def patch_pool_attention(slot_q, byte_k, byte_v, patch_ids) -> torch.Tensor:
     """Same contract as ``bltdist.model.attention.patch_pool_attention``."""
-    return _patch_pool_forward(slot_q, byte_k, byte_v, patch_ids)[0]
+    return _patch_pool_forward(*_contiguous(slot_q, byte_k, byte_v, patch_ids))[0]
 
 
 def byte_to_slot_attention(byte_q, slot_k, slot_v, source_patch) -> torch.Tensor:
     """Same contract as ``bltdist.model.attention.byte_to_slot_attention``."""
-    return _byte_to_slot_forward(byte_q, slot_k, slot_v, source_patch)[0]
+    return _byte_to_slot_forward(*_contiguous(byte_q, slot_k, slot_v, source_patch))[0]
+
+
+def _contiguous(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    # Here, once, rather than in the ops: the backward gets the inputs the forward saved, already contiguous.
+    return [t.contiguous() for t in tensors]
 
 
 def _unsupported_attention(q, k, v, head_dim, slots) -> str | None:
