@@ -1,22 +1,31 @@
 #!/usr/bin/env bash
-# Everything a short GPU lease should run, in priority order, each part under its own time limit so
-# that one hang cannot eat the rest: the CUDA tests, the kernel timings, MFU of the 1B shape and a profile of
-# its step, then the kernel and attention tests on the GPU. Results files go to $OUT/results (copy them into
-# benchmarks/results/), the whole log to $OUT/all.log.
+# Everything a short GPU lease should run, in priority order, each part under its own time limit and all of
+# them under BUDGET_S, so that one hang cannot eat the rest and the script ends before the call's limit:
+# the CUDA tests, the kernel timings, MFU of the 1B shape (eager; micro batch 4; compiled) and a profile of
+# its step, then the kernel and attention tests on the GPU. Name parts to run only those. Results files are
+# packed into $OUT/results.tar after every part (a lease returns few files; unpack into benchmarks/results/),
+# the whole log goes to $OUT/all.log.
 #
-#   BLTDIST_COMMIT=$(git rev-parse HEAD) OUT=/tmp/gpu bash benchmarks/gpu_checks.sh
+#   BLTDIST_COMMIT=$(git rev-parse HEAD) OUT=/tmp/gpu BUDGET_S=520 bash benchmarks/gpu_checks.sh [PART...]
 set -u
 OUT=${OUT:-/tmp/bltdist-gpu}
-mkdir -p "$OUT/results"
+BUDGET_S=${BUDGET_S:-100000}
+RESULTS=$(mktemp -d /tmp/bltdist-results.XXXX)
+mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 exec > >(tee -a "$OUT/all.log") 2>&1
+wanted=" ${*:-test_cuda kernels mfu mfu_micro4 mfu_compile profile kernel_and_attention_tests} "
 
-part() {  # part SECONDS NAME COMMAND...: run with a limit, report its status and time either way
+part() {  # part SECONDS NAME COMMAND...: run if wanted, within its limit and what is left of the budget
     local limit=$1 name=$2 start=$SECONDS
     shift 2
+    [[ $wanted == *" $name "* ]] || return 0
+    (( limit > BUDGET_S - SECONDS )) && limit=$(( BUDGET_S - SECONDS ))
+    if (( limit < 20 )); then echo "=== $name: skipped, ${limit}s of the budget left"; return 0; fi
     echo "=== $name (limit ${limit}s)"
     timeout --kill-after=10 "$limit" "$@"
     echo "=== $name: exit $? after $((SECONDS - start))s"
+    tar -C "$RESULTS" -cf "$OUT/results.tar" .
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
@@ -29,25 +38,32 @@ if ! python3 -c "import bltdist.kernels" 2>/dev/null; then
 fi
 
 part 210 test_cuda python3 -m pytest -v -rA -p no:cacheprovider tests/test_cuda.py
-part 90 kernels python3 benchmarks/kernels.py --seq-lens 8192 16384 --iters 10 --warmup 3 \
-    --out-dir "$OUT/results"
+part 90 kernels python3 benchmarks/kernels.py --seq-lens 8192 16384 --iters 10 --warmup 3 --out-dir "$RESULTS"
 # BLT-1B's fp32 weights, gradients and AdamW state alone are 66 GB on one unsharded GPU (122 GB peak
 # on an H200): on a card under 100 GB the hash tables shrink to 100002 rows each. Lookups are no
 # FLOPs, so MFU keeps its meaning; the change is in the results' config.
 small_card=$(python3 -c "import torch; print(int(torch.cuda.get_device_properties(0).total_memory < 100e9))")
 fit=()
 [ "$small_card" = 1 ] && fit=(--model.blt.hash_vocab=100002) && echo "card under 100 GB: ${fit[*]}"
-# One GPU: global batch 8 of 8192 bytes (micro 1, so 8 micro-steps) instead of the config's 256.
-# 10 steps: the first intervals hold the warm-up's compilations, the median should not.
-part 200 mfu python3 benchmarks/mfu.py --configs configs/blt_1b.yaml --seq-lens 8192 --layouts fsdp \
-    --steps 10 --results-dir "$OUT/results" --overrides --train.global_batch_size=8 --train.micro_batch_size=1 \
-    "${fit[@]}"
+# One GPU: global batch 8 of 8192 bytes instead of the config's 256. 10 steps: the first intervals hold
+# the warm-up's compilations (patch-count buckets), the median should not.
+mfu() {  # mfu NAME MICRO_BATCH [OVERRIDE...]
+    local name=$1 micro=$2
+    shift 2
+    python3 benchmarks/mfu.py --name "$name" --configs configs/blt_1b.yaml --seq-lens 8192 --layouts fsdp \
+        --steps 10 --results-dir "$RESULTS" --overrides --train.global_batch_size=8 \
+        --train.micro_batch_size="$micro" "${fit[@]}" "$@"
+}
+part 170 mfu mfu mfu 1
+# The H100 profile found the step host-bound (GPU idle 59% of it, 9358 launches): fewer, larger launches.
+part 150 mfu_micro4 mfu mfu_micro4 4
+part 220 mfu_compile mfu mfu_compile 4 --train.compile=true
 # One profiled step of one sequence: where the GPU time goes and how much of the step the GPU idles.
 part 120 profile python3 -m torch.distributed.run --standalone --nproc_per_node=1 -m bltdist.train \
     configs/blt_1b.yaml --train.steps=4 --train.global_batch_size=1 --train.micro_batch_size=1 \
     --logging.interval=1 --train.val_interval=0 --train.val_batches=1 --checkpoint.interval=0 \
     --checkpoint.final=false --output_dir=/tmp/bltdist-profile --logging.profile_steps=[3] "${fit[@]}"
-part 60 profile_summary python3 benchmarks/trace_summary.py /tmp/bltdist-profile/profile/rank0_step3.json \
-    --top 30 --results-dir "$OUT/results"
+part 60 profile python3 benchmarks/trace_summary.py \
+    /tmp/bltdist-profile/profile/rank0_step3.json --top 30 --results-dir "$RESULTS"
 part 90 kernel_and_attention_tests python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
     tests/test_attention.py
