@@ -47,17 +47,13 @@ fit=()
 [ "$small_card" = 1 ] && fit=(--model.blt.hash_vocab=100002) && echo "card under 100 GB: ${fit[*]}"
 # One GPU: global batch 8 of 8192 bytes instead of the config's 256. 10 steps: the first intervals hold
 # the warm-up's compilations (patch-count buckets), the median should not.
-mfu() {  # mfu NAME MICRO_BATCH [OVERRIDE...]
-    local name=$1 micro=$2
-    shift 2
-    python3 benchmarks/mfu.py --name "$name" --configs configs/blt_1b.yaml --seq-lens 8192 --layouts fsdp \
-        --steps 10 --results-dir "$RESULTS" --overrides --train.global_batch_size=8 \
-        --train.micro_batch_size="$micro" "${fit[@]}" "$@"
-}
-part 170 mfu mfu mfu 1
+mfu_sweep=(--configs configs/blt_1b.yaml --seq-lens 8192 --layouts fsdp --steps 10
+           --results-dir "$RESULTS" --overrides --train.global_batch_size=8 "${fit[@]}")
+part 170 mfu python3 benchmarks/mfu.py --name mfu "${mfu_sweep[@]}" --train.micro_batch_size=1
 # The H100 profile found the step host-bound (GPU idle 59% of it, 9358 launches): fewer, larger launches.
-part 150 mfu_micro4 mfu mfu_micro4 4
-part 220 mfu_compile mfu mfu_compile 4 --train.compile=true
+part 150 mfu_micro4 python3 benchmarks/mfu.py --name mfu_micro4 "${mfu_sweep[@]}" --train.micro_batch_size=4
+part 220 mfu_compile python3 benchmarks/mfu.py --name mfu_compile "${mfu_sweep[@]}" --train.micro_batch_size=4 \
+    --train.compile=true
 # One profiled step of one sequence: where the GPU time goes and how much of the step the GPU idles.
 part 120 profile python3 -m torch.distributed.run --standalone --nproc_per_node=1 -m bltdist.train \
     configs/blt_1b.yaml --train.steps=4 --train.global_batch_size=1 --train.micro_batch_size=1 \
