@@ -61,5 +61,5 @@ part 120 profile python3 -m torch.distributed.run --standalone --nproc_per_node=
     --checkpoint.final=false --output_dir=/tmp/bltdist-profile --logging.profile_steps=[3] "${fit[@]}"
 part 60 profile python3 benchmarks/trace_summary.py \
     /tmp/bltdist-profile/profile/rank0_step3.json --top 30 --results-dir "$RESULTS"
-part 90 kernel_and_attention_tests python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+part 150 kernel_and_attention_tests python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
     tests/test_attention.py
