@@ -23,8 +23,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 even under bf16: the variance of wide activations overflows bf16 precision.
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+        # torch normalises bf16 inputs in fp32 inside one fused kernel (the variance of wide activations
+        # overflows bf16 precision); a weight of another dtype (fp32 under autocast) would make it fall back
+        # to separate casts and products, five passes over the activations on a GPU instead of one.
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
