@@ -14,8 +14,10 @@ step, identical work in both models) is then left out, which shows how much of a
 how fast the rest of the model runs (``*_without_hash_grad``). Model FLOP/s count by bltdist's formula
 (``bltdist.flops``, 3 x forward) for both models, which compute the same function. Writes
 benchmarks/results/cpu_step-<device>-<date>.json and prints ``ratio_vs_hf=X`` as its last line.
+``--profile`` adds where one bltdist step spends its time (``profile``: self time per op, and each
+matrix-product shape's GFLOP/s against the 2048^3 yardstick).
 
-    python benchmarks/cpu_step.py [--iters 7] [--warmup 1] [--threads N]
+    python benchmarks/cpu_step.py [--iters 7] [--warmup 1] [--threads N] [--profile]
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import os
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -119,11 +122,35 @@ def without_hash_grad(step, table: torch.nn.Parameter):
     return frozen_step
 
 
+def profile_step(step) -> dict:
+    """One profiled call of ``step``: self CPU ms of its costliest ops, and each matrix product's shape
+    with its count, ms and GFLOP/s."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        step()
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    products = []
+    for event in prof.key_averages(group_by_input_shape=True):
+        if event.key not in ("aten::mm", "aten::bmm") or event.self_cpu_time_total == 0:
+            continue
+        a, b = event.input_shapes[:2]
+        flops = 2 * math.prod(a) * b[-1] * event.count
+        products.append({"shapes": [a, b], "count": event.count, "ms": event.self_cpu_time_total / 1e3,
+                         "gflops_per_sec": flops / event.self_cpu_time_total / 1e3})  # fmt: skip
+    return {
+        "step_ms": sum(e.self_cpu_time_total for e in ops) / 1e3,
+        "self_ms_by_op": {e.key: e.self_cpu_time_total / 1e3 for e in ops[:12]},
+        "matrix_products": sorted(products, key=lambda p: p["ms"], reverse=True)[:12],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--profile", action="store_true", help="add one profiled bltdist step to the results")
     parser.add_argument("--out", default=None, help="results JSON path (default benchmarks/results/...)")
     args = parser.parse_args()
     if args.threads:
@@ -196,6 +223,8 @@ def main() -> None:
         "fraction_of_matmul_without_hash_grad": step_flops / medians["bltdist_without_hash_grad"] / 1e9 / matmul_gflops,
         "seconds_per_round": times,
     }
+    if args.profile:
+        result["profile"] = profile_step(our_step)
     out = write_results("cpu_step", "cpu", config, result, out=args.out)
     print(f"bltdist: {result['bytes_per_sec']:.0f} bytes/s ({medians['bltdist']:.3f} s/step), "
           f"{our_gflops:.1f} GFLOP/s = {result['fraction_of_matmul']:.0%} of the fp32 matmul's "
