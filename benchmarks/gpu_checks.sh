@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything a short GPU lease should run, in priority order, each part under its own time limit and all of
 # them under BUDGET_S, so that one hang cannot eat the rest and the script ends before the call's limit:
-# the CUDA tests, the kernel timings, MFU of the 1B shape (eager; micro batch 4; compiled) and a profile of
+# the CUDA tests, the kernel timings, MFU of the 1B shape (eager at micro batch 1, 4, 8; compiled) and a profile of
 # its step, then the kernel and attention tests on the GPU. Name parts to run only those. Results files are
 # packed into $OUT/results.tar after every part (a lease returns few files; unpack into benchmarks/results/),
 # the whole log goes to $OUT/all.log.
@@ -14,7 +14,7 @@ RESULTS=$(mktemp -d /tmp/bltdist-results.XXXX)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 exec > >(tee -a "$OUT/all.log") 2>&1
-wanted=" ${*:-test_cuda kernels mfu mfu_micro4 mfu_compile profile kernel_and_attention_tests} "
+wanted=" ${*:-test_cuda kernels mfu mfu_micro4 mfu_micro8 mfu_compile profile kernel_and_attention_tests} "
 
 part() {  # part SECONDS NAME COMMAND...: run if wanted, within its limit and what is left of the budget
     local limit=$1 name=$2 start=$SECONDS
@@ -52,11 +52,12 @@ mfu_sweep=(--configs configs/blt_1b.yaml --seq-lens 8192 --layouts fsdp --steps 
 part 170 mfu python3 benchmarks/mfu.py --name mfu "${mfu_sweep[@]}" --train.micro_batch_size=1
 # The H100 profile found the step host-bound (GPU idle 59% of it, 9358 launches): fewer, larger launches.
 part 150 mfu_micro4 python3 benchmarks/mfu.py --name mfu_micro4 "${mfu_sweep[@]}" --train.micro_batch_size=4
+part 150 mfu_micro8 python3 benchmarks/mfu.py --name mfu_micro8 "${mfu_sweep[@]}" --train.micro_batch_size=8
 part 220 mfu_compile python3 benchmarks/mfu.py --name mfu_compile "${mfu_sweep[@]}" --train.micro_batch_size=4 \
     --train.compile=true
-# One profiled step of one sequence: where the GPU time goes and how much of the step the GPU idles.
+# One profiled step at micro batch 8 (no longer host-bound there): where the GPU time goes.
 part 120 profile python3 -m torch.distributed.run --standalone --nproc_per_node=1 -m bltdist.train \
-    configs/blt_1b.yaml --train.steps=4 --train.global_batch_size=1 --train.micro_batch_size=1 \
+    configs/blt_1b.yaml --train.steps=4 --train.global_batch_size=8 --train.micro_batch_size=8 \
     --logging.interval=1 --train.val_interval=0 --train.val_batches=1 --checkpoint.interval=0 \
     --checkpoint.final=false --output_dir=/tmp/bltdist-profile --logging.profile_steps=[3] "${fit[@]}"
 part 60 profile python3 benchmarks/trace_summary.py \
