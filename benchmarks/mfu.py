@@ -7,10 +7,10 @@ Layouts are comma-separated parallel degrees; dp_shard takes the remaining ranks
 not fit the ranks or the model are reported as skipped with the trainer's message; a run that
 fails (e.g. out of memory) is recorded with its error.
 
-Writes benchmarks/results/mfu-<device>-<date>.json (``--name`` replaces ``mfu``), .md (a table) and
-.png (MFU and bytes/s per rank against bytes per sequence). MFU uses bltdist.flops (3 x forward, attention without causal
-halving) against the device's dense bf16 peak; on CPU it is null unless --peak-tflops is given,
-and CPU figures are never GPU performance.
+Writes benchmarks/results/mfu-<device>-<date>.json (``--name`` replaces ``mfu``), .md (a table)
+and .png (MFU and bytes/s per rank against bytes per sequence). MFU uses bltdist.flops (3 x
+forward, attention without causal halving) against the device's dense bf16 peak; on CPU it is null
+unless --peak-tflops is given, and CPU figures are never GPU performance.
 
     python benchmarks/mfu.py --configs configs/blt_1b.yaml --seq-lens 8192 16384 --layouts fsdp tp=2
     python benchmarks/mfu.py --nproc 2 --configs configs/tiny_static.yaml --seq-lens 256 512 --steps 3   # CPU
@@ -136,7 +136,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak; default: the built-in table")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--name", default="mfu", help="results file stem: a variant sweep (mfu_compile) keeps its own file")
+    parser.add_argument("--name", default="mfu", help="results file stem, so that a variant (mfu_compile) keeps its file")
     parser.add_argument("--overrides", nargs=argparse.REMAINDER, default=[], help="further trainer overrides")
     args = parser.parse_args()
     for layout in args.layouts:
