@@ -136,7 +136,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak; default: the built-in table")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--name", default="mfu", help="results file stem, so that a variant (mfu_compile) keeps its file")
+    parser.add_argument("--name", default="mfu", help="results file stem (a variant: mfu_compile)")
     parser.add_argument("--overrides", nargs=argparse.REMAINDER, default=[], help="further trainer overrides")
     args = parser.parse_args()
     for layout in args.layouts:
