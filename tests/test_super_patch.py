@@ -104,6 +104,41 @@ def test_entropy_super_patches_close_past_the_threshold_at_documents_and_at_the_
         starts_of_lengths(grouped[:, :-1], docs)
 
 
+def test_super_patch_counts_are_bucketed_like_the_callers_patch_counts():
+    """The super-patch count moves with the documents per row; a caller that buckets the patch count (compiled
+    shapes) gets it bucketed alike, so batches with ever other document counts meet few shapes."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = {None: set(), 3: set()}
+    for documents in range(0, 200, 8):
+        docs = torch.zeros(1, 1024, dtype=torch.long)
+        for start in torch.randperm(1023, generator=generator)[:documents] + 1:
+            docs[0, start:] += 1
+        starts = static_starts(docs, 2)
+        real = int(starts.sum())
+        for bits in shapes:
+            layout = SuperPatchLayout.build(docs, starts, "sdpa", bits)
+            assert layout.num_supers >= real and layout.num_supers % 16 == 0
+            shapes[bits].add(layout.num_supers)
+    assert len(shapes[3]) <= 3 < 8 <= len(shapes[None]), shapes  # 512 + 1-2 per document: 512, 640, 768
+
+
+@pytest.mark.parametrize("mode", ["static", "entropy"])
+def test_bucketed_super_patch_rows_change_no_logit(mode):
+    model = build(two_level(slots=2, mode=mode))
+    tokens = make_tokens(2, 96, docs_at=(30,))
+    if mode == "static":
+        lengths, grouped = static_lengths(tokens, 3), None
+    else:
+        lengths, grouped = entropy_grouped(tokens)
+    layouts = [PatchLayout.build(tokens, lengths, None, "sdpa", grouped, bits) for bits in (None, 1)]
+    rows = [SuperPatchLayout.build(layout.patch_mask.doc_ids, model.global_model._starts(layout), "sdpa",
+                                   layout.bucket_bits).num_supers for layout in layouts]  # fmt: skip
+    assert rows[0] < rows[1]  # one significant bit: a power of two, so padding rows are there
+    plain = model(tokens, lengths, super_patch_lengths=grouped)
+    bucketed = model(tokens, lengths, super_patch_lengths=grouped, bucket_bits=1)
+    torch.testing.assert_close(bucketed, plain, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("mode", ["static", "entropy"])
 def test_two_level_blt_is_causal(mode):
     """Changing bytes from position k on leaves every logit before k (predicting bytes <= k) as it was.

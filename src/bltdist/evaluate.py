@@ -158,7 +158,8 @@ class Evaluator:
                                                  **rule_settings(self.patching)))  # fmt: skip
             grouped = entropy_super_patch_lengths(self.model.cfg.super_patch, inputs, lengths, entropies)
             padded = pad_patch_lengths(lengths, 1, self.bucket_bits)
-            loss += float(byte_loss_sum(self.model(inputs, padded, super_patch_lengths=grouped), targets))
+            logits = self.model(inputs, padded, super_patch_lengths=grouped, bucket_bits=self.bucket_bits)
+            loss += float(byte_loss_sum(logits, targets))
             predicted += targets.numel()
             patches += int((lengths > 0).sum())
         return {"loss": loss, "tokens": predicted, "patches": patches}

@@ -59,6 +59,9 @@ class PatchLayout:
     patch_positions: torch.Tensor  # (P,): rotary positions of the patches
     # (B, Ps): patches per super-patch, for model.blt.super_patch.mode entropy (the patcher groups them).
     super_patch_lengths: torch.Tensor | None = field(default=None, kw_only=True)
+    # The significant bits the caller bucketed the patch count to (compiled shapes), if it did:
+    # counts the model derives (super-patches) are bucketed alike.
+    bucket_bits: int | None = field(default=None, kw_only=True)
 
     def local_bytes(self, per_byte: torch.Tensor) -> torch.Tensor:
         """The bytes this layout covers of a (B, T, ...) tensor over the whole sequence."""
@@ -70,7 +73,7 @@ class PatchLayout:
 
     @classmethod
     def build(cls, tokens: torch.Tensor, patch_lengths: torch.Tensor, window: int | None, backend: str,
-              super_patch_lengths: torch.Tensor | None = None):  # fmt: skip
+              super_patch_lengths: torch.Tensor | None = None, bucket_bits: int | None = None):  # fmt: skip
         batch, seq_len = tokens.shape
         patch_lengths = patch_lengths.to(device=tokens.device, dtype=torch.long)
         patch_ends = torch.cumsum(patch_lengths, dim=1)
@@ -98,6 +101,7 @@ class PatchLayout:
             byte_positions=torch.arange(seq_len, device=tokens.device),
             patch_positions=torch.arange(patch_lengths.shape[1], device=tokens.device),
             super_patch_lengths=super_patch_lengths,
+            bucket_bits=bucket_bits,
         )
 
 
@@ -244,6 +248,7 @@ class BLT(nn.Module):
         patch_states: torch.Tensor | None = None,
         byte_states: torch.Tensor | None = None,
         super_patch_lengths: torch.Tensor | None = None,
+        bucket_bits: int | None = None,
     ):
         """tokens: (B, T) byte ids; patch_lengths: (B, P), each row summing to T, zero-padded on
         the right. Returns fp32 logits (B, T, vocab) predicting the next byte.
@@ -253,10 +258,12 @@ class BLT(nn.Module):
         A pipeline stage is a BLT without the parts other stages hold: without the encoder it starts
         from ``patch_states`` and ``byte_states``, without the decoder it returns them.
         ``super_patch_lengths`` (B, Ps): patches per super-patch, which model.blt.super_patch.mode entropy
-        needs (``bltdist.patching.Patcher.super_patch_lengths``), passed like ``patch_lengths``."""
+        needs (``bltdist.patching.Patcher.super_patch_lengths``), passed like ``patch_lengths``.
+        ``bucket_bits``: the precision the caller bucketed the patch count to
+        (``bltdist.patching.rules.patch_count_bucket``), so that the super-patch count is bucketed alike."""
         if layout is None:
             layout = PatchLayout.build(tokens, patch_lengths, self.cfg.local_window, self.backend(tokens.device),
-                                       super_patch_lengths)  # fmt: skip
+                                       super_patch_lengths, bucket_bits)  # fmt: skip
         if self.encoder is not None:
             byte_states, slots = self.encoder(tokens, layout)
             patch_states = slots.flatten(-2)

@@ -23,10 +23,11 @@ super-patch once the summed next-byte entropy of its bytes passes ``entropy_thre
 entropies come from the causal entropy model, so whether patch q+1 opens a super-patch depends on
 bytes up to patch q's end only, as entropy patch boundaries do at the byte level.
 
-Super-patches are right-padded to a multiple of gcd(P, 16) rows. The trainer pads P to a multiple of
-the tensor-parallel degree, so a power-of-two degree up to 16 divides the super-patch count too, as
-sequence parallelism over the super-patch transformer needs. Padding rows hold no patch and form a
-document of their own, so no real row ever sees them.
+Super-patches are right-padded to a multiple of gcd(P, 16) rows (and, where the caller buckets the patch
+count for compiled shapes, to a bucket of the same precision: their count moves with the documents). The
+trainer pads P to a multiple of the tensor-parallel degree, so a power-of-two degree up to 16 divides the
+super-patch count too, as sequence parallelism over the super-patch transformer needs. Padding rows hold
+no patch and form a document of their own, so no real row ever sees them.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import torch.nn as nn
 
 from bltdist.model.attention import SelfAttentionMask
 from bltdist.model.layers import CrossAttention, RMSNorm, TransformerBlock, rotary_table
+from bltdist.patching.rules import patch_count_bucket
 
 if TYPE_CHECKING:
     from bltdist.config import BLTConfig
@@ -58,14 +60,20 @@ class SuperPatchLayout:
     super_positions: torch.Tensor  # (Ps,)
 
     @classmethod
-    def build(cls, patch_docs: torch.Tensor, starts: torch.Tensor, backend: str) -> SuperPatchLayout:
+    def build(cls, patch_docs: torch.Tensor, starts: torch.Tensor, backend: str,
+              bucket_bits: int | None = None) -> SuperPatchLayout:  # fmt: skip
         """``patch_docs`` (B, P): each patch's document, -1 for padding patches (the patch layout's);
-        ``starts`` (B, P): True where a super-patch begins (``static_starts`` or ``starts_of_lengths``)."""
+        ``starts`` (B, P): True where a super-patch begins (``static_starts`` or ``starts_of_lengths``);
+        ``bucket_bits``: the precision the caller bucketed the patch count to, if it did (compiled
+        shapes): the super-patch count, which moves with the documents per row, is bucketed alike."""
         batch, num_patches = patch_docs.shape
         super_ids = torch.cumsum(starts.long(), dim=1) - 1
         real = int(super_ids[:, -1].max()) + 1
         multiple = math.gcd(num_patches, SUPER_PATCH_ROW_MULTIPLE)
-        num_supers = -(-real // multiple) * multiple
+        if bucket_bits is None:
+            num_supers = -(-real // multiple) * multiple
+        else:
+            num_supers = patch_count_bucket(real, multiple, bucket_bits)
         # The end of the row counts as a boundary: the last patch reads the super-patch it closes.
         next_super = torch.cat([super_ids[:, 1:], super_ids[:, -1:] + 1], dim=1)
         super_docs = torch.full((batch, num_supers), -1, dtype=patch_docs.dtype, device=patch_docs.device)
@@ -189,7 +197,8 @@ class SuperPatchGlobal(nn.Module):
 
     def forward(self, patch_inputs: torch.Tensor, layout) -> torch.Tensor:
         """patch_inputs: (B, P, S * local_dim) -> (B, P, global_dim); ``layout``: the BLT's PatchLayout."""
-        supers = SuperPatchLayout.build(layout.patch_mask.doc_ids, self._starts(layout), layout.patch_mask.backend)
+        supers = SuperPatchLayout.build(layout.patch_mask.doc_ids, self._starts(layout), layout.patch_mask.backend,
+                                        layout.bucket_bits)  # fmt: skip
         h = self.in_proj(patch_inputs) if self.in_proj is not None else patch_inputs
         patch_rope = rotary_table(layout.patch_positions, self.head_dim, self.cfg.rope_theta)
         h, slots = self.patch_encoder(h, patch_rope, layout.patch_mask, supers)

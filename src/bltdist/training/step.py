@@ -113,7 +113,8 @@ class Stepper:
             sequence = ContextParallelSequence.build(tokens, self.local_window, self.cp_group)
             return byte_loss_sum(model(tokens, sequence), sequence.local_targets(targets))
         if self.cp_group is None:  # super_lengths: entropy-grouped super-patches (cp refuses super-patches)
-            return byte_loss_sum(model(tokens, lengths, super_patch_lengths=super_lengths), targets)
+            logits = model(tokens, lengths, super_patch_lengths=super_lengths, bucket_bits=self.bucket_bits)
+            return byte_loss_sum(logits, targets)
         layout = ContextParallelLayout.build(tokens, lengths, self.local_window, self.cp_group)
         return byte_loss_sum(model(tokens, lengths, layout=layout), layout.local_targets(targets))
 
