@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything a short GPU lease should run, in priority order, each part under its own time limit and all of
 # them under BUDGET_S, so that one hang cannot eat the rest and the script ends before the call's limit:
-# the CUDA tests, the kernel timings, MFU of the 1B shape (eager at micro batch 1, 4, 8; compiled) and a profile of
-# its step, then the kernel and attention tests on the GPU. Name parts to run only those. Results files are
+# the CUDA tests, the kernel timings, MFU of the 1B shape (eager at micro batch 1, 4, 8; compiled) and a
+# profile of its step, then the kernel and attention tests on the GPU. Name parts to run only those. Results files are
 # packed into $OUT/results.tar after every part (a lease returns few files; unpack into benchmarks/results/),
 # the whole log goes to $OUT/all.log.
 #

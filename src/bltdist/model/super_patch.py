@@ -70,10 +70,7 @@ class SuperPatchLayout:
         super_ids = torch.cumsum(starts.long(), dim=1) - 1
         real = int(super_ids[:, -1].max()) + 1
         multiple = math.gcd(num_patches, SUPER_PATCH_ROW_MULTIPLE)
-        if bucket_bits is None:
-            num_supers = -(-real // multiple) * multiple
-        else:
-            num_supers = patch_count_bucket(real, multiple, bucket_bits)
+        num_supers = patch_count_bucket(real, multiple, bucket_bits)
         # The end of the row counts as a boundary: the last patch reads the super-patch it closes.
         next_super = torch.cat([super_ids[:, 1:], super_ids[:, -1:] + 1], dim=1)
         super_docs = torch.full((batch, num_supers), -1, dtype=patch_docs.dtype, device=patch_docs.device)

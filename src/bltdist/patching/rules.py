@@ -99,8 +99,7 @@ def pad_patch_lengths(lengths: torch.Tensor, multiple: int, bucket_bits: int | N
     they form a document of their own in the global model, so real patches never see them. Parallel
     layouts pad so that patches split evenly (tp, 2 x cp) and pipeline shapes repeat (buckets)."""
     count = lengths.shape[1]
-    bucket = count + -count % multiple if bucket_bits is None else patch_count_bucket(count, multiple, bucket_bits)
-    missing = bucket - count
+    missing = patch_count_bucket(count, multiple, bucket_bits) - count
     return F.pad(lengths, (0, missing)) if missing else lengths
 
 
@@ -161,11 +160,14 @@ def _group_patches(docs: list[int], sums: list[float], threshold: float, max_pat
     return sizes
 
 
-def patch_count_bucket(count: int, multiple: int = 1, significant_bits: int = COMPILED_BUCKET_BITS) -> int:
+def patch_count_bucket(count: int, multiple: int = 1, significant_bits: int | None = COMPILED_BUCKET_BITS) -> int:
     """``count`` rounded up to ``significant_bits`` significant bits (three: ..., 96, 112, 128, 160,
     192, 224, 256, ...), then to a multiple of ``multiple``: at most 2 ** (1 - bits) padding (25% at
     three bits) and 2 ** (bits - 1) sizes per doubling. Compiled graphs are specialised to the patch
-    count, so these buckets bound how many a run compiles whatever its patch counts."""
+    count, so these buckets bound how many a run compiles whatever its patch counts. None: only the
+    multiple (no bucketing)."""
+    if significant_bits is None:
+        return -(-count // multiple) * multiple
     granularity = 1 << max(0, count.bit_length() - significant_bits)
     rounded = -(-count // granularity) * granularity
     return -(-rounded // multiple) * multiple
