@@ -6,8 +6,8 @@ the top kernels by total time, the launch count, and GPU busy time against the s
 
     python benchmarks/trace_summary.py runs/blt_1b/profile/rank0_step3.json [--top 25]
 
-Writes benchmarks/results/profile-<device>-<date>.json (config: the run's config.yaml beside the
-profile folder, and the step traced).
+Writes benchmarks/results/<name>-<device>-<date>.json (name: --name, default profile; config: the run's
+config.yaml beside the profile folder, and the step traced).
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("trace", type=Path)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--name", default="profile", help="benchmark name in the results file's name")
     args = parser.parse_args()
     trace = json.loads(args.trace.read_text())
     summary = summarize(trace, args.top)
@@ -78,7 +79,7 @@ def main() -> None:
     device = trace["deviceProperties"][0]["name"]
     run_config = args.trace.parent.parent / "config.yaml"
     config = {"trace": args.trace.name, "run": yaml.safe_load(run_config.read_text()) if run_config.is_file() else None}
-    out = write_results("profile", device, config, summary, results_dir=args.results_dir,
+    out = write_results(args.name, device, config, summary, results_dir=args.results_dir,
                         file_device=device.replace(" ", "_"))  # fmt: skip
     print(f"written: {out}")
 
