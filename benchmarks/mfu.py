@@ -74,6 +74,7 @@ def run_point(config: str, seq_len: int, layout: str, args, work: Path) -> dict:
         "bytes_per_sec_per_rank": summary["bytes_per_sec_per_rank"]["median"],
         "peak_memory_gb_max": max(summary["peak_memory_gb_per_rank"]),
         "recompilations": summary.get("recompilations"),
+        "graph_breaks": summary.get("graph_breaks"),
         "step_time_breakdown": summary["step_time_breakdown"],
     }
 

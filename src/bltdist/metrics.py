@@ -37,11 +37,22 @@ def peak_memory_gb(device: torch.device) -> float:
 class RecompilationCounter:
     """Counts torch.compile recompilations in this process from the moment it is made: compilations
     of a function that was compiled before (its guards failed: a new shape, grad mode or state).
-    ``summary.json`` reports rank 0's count as ``recompilations``."""
+    ``summary.json`` reports rank 0's count as ``recompilations``, and its ``graph_breaks``."""
 
     def __init__(self):
         self.count = 0
+        self._graph_breaks_before = self._graph_breaks_so_far()
         torch._dynamo.callback_handler.register_start_callback(self._on_compile_start)
+
+    @property
+    def graph_breaks(self) -> int:
+        """Graph breaks since this counter was made. One inside an activation-checkpointed block
+        makes dynamo run the whole block eagerly: compile then silently compiles nothing."""
+        return self._graph_breaks_so_far() - self._graph_breaks_before
+
+    @staticmethod
+    def _graph_breaks_so_far() -> int:
+        return sum(torch._dynamo.utils.counters["graph_break"].values())
 
     def _on_compile_start(self, args) -> None:
         # Dynamo's compile ids read "frame/n", n counting the compilations of that frame from 0;

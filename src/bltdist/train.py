@@ -94,6 +94,7 @@ class Trainer:
         )  # fmt: skip
         summary["data"] = self.loader.consumed()
         summary["recompilations"] = self.recompilations.count
+        summary["graph_breaks"] = self.recompilations.graph_breaks
         summary.update(self.meter.training_flops(self.step))
         if self.is_main:
             self.logger.info(format_summary(summary))

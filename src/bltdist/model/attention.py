@@ -109,6 +109,9 @@ class AttentionMask(Protocol):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: (B, T, H, D); k, v: (B, T, Hkv, D) with Hkv dividing H. Returns (B, T, H, D)."""
 
+    def prepare(self, hidden: torch.Tensor, head_dim: int) -> None:
+        """Build what ``attend`` will need for blocks whose input is ``hidden``, before they run."""
+
 
 @dataclass
 class SelfAttentionMask:
@@ -132,6 +135,19 @@ class SelfAttentionMask:
             return _flex_attention(q, k, v, self)
         return _blocked_sdpa(q, k, v, self)
 
+    def prepare(self, hidden: torch.Tensor, head_dim: int) -> None:
+        # Filled lazily inside a compiled, activation-checkpointed block, the cache would be a side
+        # effect in the checkpoint: dynamo then runs the whole block eagerly, compiling nothing.
+        device = hidden.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype
+        backend = resolve_backend(self.backend, device, dtype, torch.is_grad_enabled(), head_dim)
+        if backend == "flash":
+            _varlen_sequences(self)
+        elif backend == "flex":
+            _block_mask(self)
+        else:
+            _window_bias(self, dtype)
+
     def visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         """Boolean (B, 1, len(q_pos), len(k_pos)) visibility for the given positions."""
         same_doc = self.doc_ids[:, q_pos, None] == self.doc_ids[:, None, k_pos]
@@ -142,7 +158,7 @@ class SelfAttentionMask:
         return (same_doc & allowed).unsqueeze(1)
 
 
-def _key_windows(mask: SelfAttentionMask, device: torch.device) -> tuple[int, int, torch.Tensor]:
+def _key_windows(mask: SelfAttentionMask) -> tuple[int, int, torch.Tensor]:
     """(block, keys, visibility (B, blocks, block, keys)), built once per forward.
 
     Query block i (positions [i * block, (i + 1) * block)) is attended against the ``keys``
@@ -151,7 +167,7 @@ def _key_windows(mask: SelfAttentionMask, device: torch.device) -> tuple[int, in
     before 0 and after the end are padding; a padding query sees only itself (no row is empty).
     """
     if "windows" not in mask._cache:
-        seq_len, window = mask.seq_len, mask.window
+        seq_len, window, device = mask.seq_len, mask.window, mask.doc_ids.device
         block = seq_len if window is None else min(seq_len, 128)
         keys = seq_len if window is None else block + window - 1
         blocks = -(-seq_len // block)
@@ -173,7 +189,7 @@ def _blocked_sdpa(q, k, v, mask: SelfAttentionMask) -> torch.Tensor:
     batched kernel, and a backward that adds each window's gradient into k and v in one pass
     (slicing per block would allocate and add a whole-sequence gradient per block)."""
     batch, seq_len, heads = q.shape[:3]
-    block, keys, visible = _key_windows(mask, q.device)
+    block, keys, visible = _key_windows(mask)
     blocks = visible.shape[1]
     right = blocks * block - seq_len
     q = F.pad(q, (0, 0, 0, 0, 0, right)).unflatten(1, (blocks, block))  # (B, blocks, block, H, D)
@@ -184,17 +200,33 @@ def _blocked_sdpa(q, k, v, mask: SelfAttentionMask) -> torch.Tensor:
         x = x.permute(0, 1, 2, 4, 3).flatten(0, 1)  # (B * blocks, Hkv, keys, D)
         return x.repeat_interleave(heads // x.shape[1], dim=1) if x.shape[1] != heads else x
 
-    if ("additive", q.dtype) not in mask._cache:
-        # SDPA turns a boolean mask into this one at every call, forward and backward; once per forward is enough.
-        additive = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, -math.inf)
-        mask._cache["additive", q.dtype] = additive.flatten(0, 1)[:, None]
-    attn_mask = mask._cache["additive", q.dtype]
-    out = F.scaled_dot_product_attention(q, windows(k), windows(v), attn_mask=attn_mask)
+    out = F.scaled_dot_product_attention(q, windows(k), windows(v), attn_mask=_window_bias(mask, q.dtype))
     out = out.unflatten(0, (batch, blocks)).permute(0, 1, 3, 2, 4).flatten(1, 2)  # (B, blocks * block, H, D)
     return out[:, :seq_len]
 
 
+def _window_bias(mask: SelfAttentionMask, dtype: torch.dtype) -> torch.Tensor:
+    """The key windows' visibility as an additive mask (B * blocks, 1, block, keys): SDPA turns a
+    boolean mask into this at every call, forward and backward; once per forward is enough."""
+    if ("additive", dtype) not in mask._cache:
+        visible = _key_windows(mask)[2]
+        additive = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, -math.inf)
+        mask._cache["additive", dtype] = additive.flatten(0, 1)[:, None]
+    return mask._cache["additive", dtype]
+
+
 def _flex_attention(q, k, v, mask: SelfAttentionMask) -> torch.Tensor:
+    out = _run_flex(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        block_mask=_block_mask(mask),
+        enable_gqa=q.shape[2] != k.shape[2],
+    )
+    return out.transpose(1, 2)
+
+
+def _block_mask(mask: SelfAttentionMask):
     from torch.nn.attention.flex_attention import create_block_mask
 
     if "block_mask" not in mask._cache:
@@ -210,14 +242,7 @@ def _flex_attention(q, k, v, mask: SelfAttentionMask) -> torch.Tensor:
         mask._cache["block_mask"] = create_block_mask(
             visible, batch, None, seq_len, seq_len, device=str(doc_ids.device)
         )
-    out = _run_flex(
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        block_mask=mask._cache["block_mask"],
-        enable_gqa=q.shape[2] != k.shape[2],
-    )
-    return out.transpose(1, 2)
+    return mask._cache["block_mask"]
 
 
 def _run_flex(q, k, v, **kwargs) -> torch.Tensor:
@@ -243,28 +268,33 @@ def _flash_attention(q, k, v, mask: SelfAttentionMask) -> torch.Tensor:
     from flash_attn import flash_attn_varlen_func
 
     batch, seq_len, heads, head_dim = q.shape
-    if "cu_seqlens" not in mask._cache:
-        # Each (row, document) run becomes its own sequence of the varlen batch.
-        flat_docs = mask.doc_ids + torch.arange(batch, device=q.device)[:, None] * (seq_len + 1)
-        flat_docs = flat_docs.reshape(-1)
-        boundaries = torch.nonzero(flat_docs[1:] != flat_docs[:-1]).flatten() + 1
-        edges = torch.cat([boundaries.new_zeros(1), boundaries, boundaries.new_full((1,), flat_docs.numel())])
-        lengths = edges[1:] - edges[:-1]
-        mask._cache["cu_seqlens"] = edges.to(torch.int32)
-        mask._cache["max_seqlen"] = int(lengths.max())
+    cu_seqlens, max_seqlen = _varlen_sequences(mask)
     window = (-1, -1) if mask.window is None else (mask.window - 1, 0)
     out = flash_attn_varlen_func(
         q.reshape(batch * seq_len, heads, head_dim),
         k.reshape(batch * seq_len, k.shape[2], head_dim),
         v.reshape(batch * seq_len, v.shape[2], head_dim),
-        mask._cache["cu_seqlens"],
-        mask._cache["cu_seqlens"],
-        mask._cache["max_seqlen"],
-        mask._cache["max_seqlen"],
+        cu_seqlens,
+        cu_seqlens,
+        max_seqlen,
+        max_seqlen,
         causal=True,
         window_size=window,
     )
     return out.reshape(batch, seq_len, heads, head_dim)
+
+
+def _varlen_sequences(mask: SelfAttentionMask) -> tuple[torch.Tensor, int]:
+    """flash-attn's varlen batch: each (row, document) run is a sequence of its own."""
+    if "cu_seqlens" not in mask._cache:
+        batch, seq_len = mask.doc_ids.shape
+        flat_docs = mask.doc_ids + torch.arange(batch, device=mask.doc_ids.device)[:, None] * (seq_len + 1)
+        flat_docs = flat_docs.reshape(-1)
+        boundaries = torch.nonzero(flat_docs[1:] != flat_docs[:-1]).flatten() + 1
+        edges = torch.cat([boundaries.new_zeros(1), boundaries, boundaries.new_full((1,), flat_docs.numel())])
+        mask._cache["cu_seqlens"] = edges.to(torch.int32)
+        mask._cache["max_seqlen"] = int((edges[1:] - edges[:-1]).max())
+    return mask._cache["cu_seqlens"], mask._cache["max_seqlen"]
 
 
 def _expand_kv_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -141,7 +141,9 @@ class LocalEncoder(nn.Module):
         # across a context-parallel shard's first byte. Lookups cost no FLOPs; a shard pays the
         # memory of one (B, T, dim) activation for it.
         h = layout.local_bytes(self.byte_embedding(tokens) + self.hash_embedding(tokens))
-        rope = rotary_table(layout.byte_positions, self.dim // self.layers[0].attn.heads, self.rope_theta)
+        head_dim = self.layers[0].attn.head_dim
+        layout.byte_mask.prepare(h, head_dim)
+        rope = rotary_table(layout.byte_positions, head_dim, self.rope_theta)
         slots = None
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, layout.byte_mask)
@@ -150,7 +152,7 @@ class LocalEncoder(nn.Module):
                     slots = self._init_slots(h, layout)
                 cross = self.cross_attn[i if self.all_layers_cross else 0]
                 slots = slots + cross.pool(slots, h, layout.patch_ids)
-        return h, slots[:, : layout.num_patches]
+        return h, slots[:, : layout.num_patches].contiguous()  # compiled blocks are specialised to strides too
 
     def _init_slots(self, h: torch.Tensor, layout: PatchLayout) -> torch.Tensor:
         """Each patch's slots start from the max over its bytes' states, projected to S slots.
@@ -183,6 +185,7 @@ class GlobalTransformer(nn.Module):
         """patch_inputs: (B, P, S * local_dim) -> (B, P, global_dim). A pipeline stage may hold
         only some layers, and in_proj only on the first stage, the norm only on the last."""
         h = self.in_proj(patch_inputs) if self.in_proj is not None else patch_inputs
+        layout.patch_mask.prepare(h, self.head_dim)
         rope = rotary_table(layout.patch_positions, self.head_dim, self.rope_theta)
         for layer in self.layers.values():
             h = layer(h, rope, layout.patch_mask)
@@ -204,7 +207,9 @@ class LocalDecoder(nn.Module):
 
     def forward(self, byte_states: torch.Tensor, patch_states: torch.Tensor, layout: PatchLayout) -> torch.Tensor:
         slots = self.slot_proj(layout.decoder_patch_states(patch_states)).unflatten(-1, (self.slots, self.dim))
-        rope = rotary_table(layout.byte_positions, self.dim // self.layers[0].attn.heads, self.rope_theta)
+        head_dim = self.layers[0].attn.head_dim
+        layout.byte_mask.prepare(byte_states, head_dim)  # a pipeline's last stage has no encoder to do it
+        rope = rotary_table(layout.byte_positions, head_dim, self.rope_theta)
         h = byte_states
         for i, layer in enumerate(self.layers):
             if self.all_layers_cross or i == 0:
@@ -330,8 +335,10 @@ class ByteLM(nn.Module):
         stages hold: without the embedding it starts from ``hidden``, without the head it returns it."""
         if layout is None:
             layout = SequenceLayout.build(tokens, self.cfg.window, check_backend(self.attention_backend, tokens.device))
-        rope = rotary_table(layout.positions, self.cfg.dim // self.cfg.heads, self.cfg.rope_theta)
+        head_dim = self.cfg.dim // self.cfg.heads
+        rope = rotary_table(layout.positions, head_dim, self.cfg.rope_theta)
         h = self.embedding(layout.local(tokens)) if self.embedding is not None else hidden
+        layout.mask.prepare(h, head_dim)
         for layer in self.layers.values():
             h = layer(h, rope, layout.mask)
         if self.output is None:

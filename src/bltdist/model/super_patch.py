@@ -197,6 +197,8 @@ class SuperPatchGlobal(nn.Module):
         supers = SuperPatchLayout.build(layout.patch_mask.doc_ids, self._starts(layout), layout.patch_mask.backend,
                                         layout.bucket_bits)  # fmt: skip
         h = self.in_proj(patch_inputs) if self.in_proj is not None else patch_inputs
+        layout.patch_mask.prepare(h, self.head_dim)
+        supers.super_mask.prepare(h, self.head_dim)
         patch_rope = rotary_table(layout.patch_positions, self.head_dim, self.cfg.rope_theta)
         h, slots = self.patch_encoder(h, patch_rope, layout.patch_mask, supers)
         s = slots.flatten(-2)

@@ -18,6 +18,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from bltdist.model.layers import CrossAttention, TransformerBlock
+from bltdist.parallel.wrappers import outermost
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, bf16: bool, reshard_after_forward: bool = True) -> None:
@@ -26,11 +27,13 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, bf16: bool, reshard_after_for
     kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
-    for module in list(model.modules()):
-        if module is not model and isinstance(module, (TransformerBlock, CrossAttention)):
-            fully_shard(module, **kwargs)
+    # At the outermost wrapper, as torchtitan shards compiled blocks: FSDP's hooks on the inner
+    # module would break the graph inside the checkpointed region (bltdist.parallel.wrappers).
+    for _, _, module in outermost(model, (TransformerBlock, CrossAttention)):
+        fully_shard(module, **kwargs)
         if isinstance(module, CrossAttention):
             # Called through pool / unpool rather than forward: FSDP must gather around those.
             register_fsdp_forward_method(module, "pool")
             register_fsdp_forward_method(module, "unpool")
     fully_shard(model, **kwargs)
+

@@ -1,6 +1,6 @@
 """From a config to the model parts of this rank, in torchtitan's order: build on the meta device,
-split into pipeline stages, then on each part tensor parallel, activation checkpointing, compile,
-and FSDP last; only then allocate this rank's shards and initialise (or load) them.
+split into pipeline stages, then on each part tensor parallel, compile, activation checkpointing
+and FSDP last (torchtitan checkpoints before it compiles; bltdist.parallel.wrappers says why not); only then allocate this rank's shards and initialise (or load) them.
 
 Initialisation is independent of the layout by construction: every normal weight is drawn in
 blocks of rows, each block from a generator seeded by (seed, weight name, block index), so a rank
@@ -27,6 +27,7 @@ from bltdist.parallel.fsdp import apply_fsdp
 from bltdist.parallel.grads import clean_name
 from bltdist.parallel.pipeline import split_model
 from bltdist.parallel.tensor_parallel import apply_tensor_parallel
+from bltdist.parallel.wrappers import outermost
 
 # Values per generator block: large enough that drawing is fast, small enough that the scratch
 # block is negligible next to any shard.
@@ -104,7 +105,12 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, mesh: Meshes | None,
     for part in parts:
         if dims.tp > 1:
             apply_tensor_parallel(part, mesh["tp"])
-        _checkpoint_and_compile_blocks(part, train)
+        if train.compile:
+            _compile_blocks(part)
+        if train.activation_checkpointing:
+            # Around the compiled block, not inside it (torchtitan's order): see bltdist.parallel.wrappers.
+            for parent, name, block in outermost(part, (TransformerBlock,)):
+                parent.register_module(name, checkpoint_wrapper(block))
         if dims.uses_fsdp:
             # Under a pipeline, torch's zero-bubble schedules split each backward in two; FSDP must
             # keep the gathered weights between the halves (torchtitan does the same).
@@ -112,17 +118,13 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, mesh: Meshes | None,
     return parts
 
 
-def _checkpoint_and_compile_blocks(model: torch.nn.Module, train: TrainConfig) -> None:
-    """Per transformer block: activation checkpointing first, then compile the result.
+def _compile_blocks(model: torch.nn.Module) -> None:
+    """Compile each transformer block, with its tensor-parallel hooks.
 
     Compiled graphs are static, one per input shape: the trainer buckets the patch count
     (``bltdist.patching.rules.patch_count_bucket``) so that few shapes occur. Every block shares
     one function, ``TransformerBlock.forward``, whose compiled variants (the byte blocks and each
     patch-count bucket, in training and in evaluation) all count against one recompile limit."""
-    if train.compile:
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, BLOCK_RECOMPILE_LIMIT)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, TransformerBlock):
-                wrapped = checkpoint_wrapper(child) if train.activation_checkpointing else child
-                parent.register_module(name, torch.compile(wrapped, dynamic=False) if train.compile else wrapped)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, BLOCK_RECOMPILE_LIMIT)
+    for parent, name, block in outermost(model, (TransformerBlock,)):
+        parent.register_module(name, torch.compile(block, dynamic=False))

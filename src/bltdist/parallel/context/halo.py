@@ -27,6 +27,9 @@ class HaloByteMask:
     halo_index: torch.Tensor  # (B, 2 * halo): rows of the gathered tails (chunk-major) forming our halos
     chunk_masks: list[SelfAttentionMask]  # per own chunk, over [halo, chunk] with contiguous positions
 
+    def prepare(self, hidden: torch.Tensor, head_dim: int) -> None:
+        pass  # attend builds its small per-block masks as it goes, with no cache to fill
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         key_values = torch.cat([k, v], dim=-1)
         tails = gather_rows(key_values, self.tail_index).unflatten(1, (2, self.halo)).transpose(0, 1)

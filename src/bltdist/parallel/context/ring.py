@@ -113,6 +113,9 @@ class RingPatchMask:
     positions: torch.Tensor  # (cp, 2C) global patch index
     doc_ids: torch.Tensor  # (cp, B, 2C)
 
+    def prepare(self, hidden: torch.Tensor, head_dim: int) -> None:
+        pass  # each ring step builds its block's mask as it goes, with no cache to fill
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # The blocks and their log-sum-exp merge run in fp32; autocast would cast them back down.
         with torch.autocast(q.device.type, enabled=False):
