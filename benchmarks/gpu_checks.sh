@@ -53,7 +53,7 @@ part 170 mfu python3 benchmarks/mfu.py --name mfu "${mfu_sweep[@]}" --train.micr
 # The H100 profile found the step host-bound (GPU idle 59% of it, 9358 launches): fewer, larger launches.
 part 150 mfu_micro4 python3 benchmarks/mfu.py --name mfu_micro4 "${mfu_sweep[@]}" --train.micro_batch_size=4
 part 150 mfu_micro8 python3 benchmarks/mfu.py --name mfu_micro8 "${mfu_sweep[@]}" --train.micro_batch_size=8
-part 220 mfu_compile python3 benchmarks/mfu.py --name mfu_compile "${mfu_sweep[@]}" --train.micro_batch_size=4 \
+part 220 mfu_compile python3 benchmarks/mfu.py --name mfu_compile "${mfu_sweep[@]}" --train.micro_batch_size=8 \
     --train.compile=true
 # One profiled step at micro batch 8 (no longer host-bound there): where the GPU time goes.
 part 120 profile python3 -m torch.distributed.run --standalone --nproc_per_node=1 -m bltdist.train \
@@ -62,7 +62,7 @@ part 120 profile python3 -m torch.distributed.run --standalone --nproc_per_node=
     --checkpoint.final=false --output_dir=/tmp/bltdist-profile --logging.profile_steps=[3] "${fit[@]}"
 part 60 profile python3 benchmarks/trace_summary.py \
     /tmp/bltdist-profile/profile/rank0_step3.json --top 30 --results-dir "$RESULTS"
-# The same step compiled, past its warm-up: compiled blocks ran 7-8% slower than eager on the H100, why?
+# The same step compiled, past its warm-up: where compile changes the GPU time.
 part 240 profile_compile python3 -m torch.distributed.run --standalone --nproc_per_node=1 -m bltdist.train \
     configs/blt_1b.yaml --train.steps=6 --train.global_batch_size=8 --train.micro_batch_size=8 --train.compile=true \
     --logging.interval=1 --train.val_interval=0 --train.val_batches=1 --checkpoint.interval=0 \
