@@ -202,6 +202,22 @@ def test_compiled_flex_equals_sdpa_on_byte_and_patch_masks():
         assert flex_graphs() == graphs
 
 
+@pytest.mark.parametrize("backend, window", [("sdpa", 24), ("sdpa", None), ("flex", 24)])
+def test_a_prepared_mask_attends_as_an_unprepared_one(backend, window):
+    """The model prepares each mask before its blocks (backend resolved, masks built), so that no
+    compiled block resolves or builds them; the attention stays the one built on first use."""
+    ids = doc_ids(2, 160, (50, 120))
+    q, k, v = qkv(2, 160, 4, 2, 16)
+    with torch.no_grad():  # FlexAttention on CPU: forward only
+        unprepared = SelfAttentionMask(ids, window, backend).attend(q, k, v)
+        mask = SelfAttentionMask(ids, window, backend)
+        mask.prepare(q.flatten(2), head_dim=16)
+        assert mask._cache["backend"] == backend
+        built = dict(mask._cache)
+        assert torch.equal(mask.attend(q, k, v), unprepared)
+    assert mask._cache.keys() == built.keys()  # attend built nothing more
+
+
 def test_flex_on_cpu_with_gradients_runs_sdpa_and_its_backward():
     """torch has no FlexAttention backward on CPU: a training call falls back to SDPA, whose
     gradients equal those of the sdpa backend (the compiled Flex backward is in test_cuda.py)."""

@@ -119,7 +119,7 @@ class SelfAttentionMask:
 
     doc_ids: torch.Tensor  # (B, T) int64, equal ids = same document
     window: int | None  # a query at t sees keys t - window < s <= t; None = all earlier keys
-    backend: str  # as requested (BACKENDS); resolved per call, since the choice depends on the inputs' dtype
+    backend: str  # as requested (BACKENDS); resolved by prepare, else per call (the choice depends on the dtype)
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -127,8 +127,10 @@ class SelfAttentionMask:
         return self.doc_ids.shape[1]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-        backend = resolve_backend(self.backend, q.device, q.dtype, needs_grad, q.shape[-1])
+        backend = self._cache.get("backend")
+        if backend is None:
+            needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+            backend = resolve_backend(self.backend, q.device, q.dtype, needs_grad, q.shape[-1])
         if backend == "flash":
             return _flash_attention(q, k, v, self)
         if backend == "flex":
@@ -136,11 +138,12 @@ class SelfAttentionMask:
         return _blocked_sdpa(q, k, v, self)
 
     def prepare(self, hidden: torch.Tensor, head_dim: int) -> None:
-        # Filled lazily inside a compiled, activation-checkpointed block, the cache would be a side
-        # effect in the checkpoint: dynamo then runs the whole block eagerly, compiling nothing.
+        # Here, outside the compiled blocks: resolving the backend there breaks their graph (on torch
+        # 2.11 at the flash-attn import check), and filling the cache there recompiles the first block.
         device = hidden.device
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype
         backend = resolve_backend(self.backend, device, dtype, torch.is_grad_enabled(), head_dim)
+        self._cache["backend"] = backend
         if backend == "flash":
             _varlen_sequences(self)
         elif backend == "flex":
