@@ -2,10 +2,11 @@
 
 - ``dims``: the layout (degrees, checks, device mesh);
 - ``fsdp``: data parallelism (FSDP2 / HSDP); ``tensor_parallel``; ``context/``; ``pipeline/``;
-- ``grads``: the gradient norm over every shard and stage.
+- ``grads``: the gradient norm over every shard and stage;
+- ``wrappers``: blocks inside their compile and checkpoint wrappers.
 
-``bltdist.training.parallelize`` applies them in torchtitan's order: pipeline split, tensor
-parallel, activation checkpointing, compile, FSDP.
+``bltdist.training.parallelize`` applies them: pipeline split, tensor parallel, compile, activation
+checkpointing, FSDP (``wrappers``: why compile goes inside the checkpoint, unlike torchtitan).
 """
 
 from bltdist.parallel.dims import Meshes, ParallelDims

@@ -28,7 +28,7 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, bf16: bool, reshard_after_for
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
     # At the outermost wrapper, as torchtitan shards compiled blocks: FSDP's hooks on the inner
-    # module would break the graph inside the checkpointed region (bltdist.parallel.wrappers).
+    # block would run inside the compiled code and break its graph (bltdist.parallel.wrappers).
     for _, _, module in outermost(model, (TransformerBlock, CrossAttention)):
         fully_shard(module, **kwargs)
         if isinstance(module, CrossAttention):
@@ -36,4 +36,3 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, bf16: bool, reshard_after_for
             register_fsdp_forward_method(module, "pool")
             register_fsdp_forward_method(module, "unpool")
     fully_shard(model, **kwargs)
-

@@ -1,6 +1,7 @@
-"""From a config to the model parts of this rank, in torchtitan's order: build on the meta device,
-split into pipeline stages, then on each part tensor parallel, compile, activation checkpointing
-and FSDP last (torchtitan checkpoints before it compiles; bltdist.parallel.wrappers says why not); only then allocate this rank's shards and initialise (or load) them.
+"""From a config to the model parts of this rank: build on the meta device, split into pipeline
+stages, then on each part tensor parallel, compile, activation checkpointing and FSDP last (torchtitan
+checkpoints before it compiles: ``bltdist.parallel.wrappers`` says why not here); only then
+allocate this rank's shards and initialise (or load) them.
 
 Initialisation is independent of the layout by construction: every normal weight is drawn in
 blocks of rows, each block from a generator seeded by (seed, weight name, block index), so a rank
@@ -108,7 +109,7 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, mesh: Meshes | None,
         if train.compile:
             _compile_blocks(part)
         if train.activation_checkpointing:
-            # Around the compiled block, not inside it (torchtitan's order): see bltdist.parallel.wrappers.
+            # Around the compiled block, not inside it: see bltdist.parallel.wrappers.
             for parent, name, block in outermost(part, (TransformerBlock,)):
                 parent.register_module(name, checkpoint_wrapper(block))
         if dims.uses_fsdp:

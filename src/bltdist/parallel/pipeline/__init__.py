@@ -3,7 +3,7 @@ torch's schedules.
 
 Trainer use (every rank of a pipeline group loads the same batch)::
 
-    parts = split_model(model, pp_rank, pp, schedule, cp_group)   # then TP, AC, compile, FSDP per part
+    parts = split_model(model, pp_rank, pp, schedule, cp_group)   # then TP, compile, AC, FSDP per part
     pipeline = BLTPipeline(parts, pp_group, schedule, microbatches, device)
     loss_sum = pipeline.step(tokens, patch_lengths, targets, loss_divisor)   # None off the last stage;
     # patch_lengths None for a plain LM
