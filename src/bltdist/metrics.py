@@ -46,8 +46,8 @@ class RecompilationCounter:
 
     @property
     def graph_breaks(self) -> int:
-        """Graph breaks since this counter was made. One inside an activation-checkpointed block
-        makes dynamo run the whole block eagerly: compile then silently compiles nothing."""
+        """Graph breaks since this counter was made: each splits a compiled block's graph and
+        recompiles per shape, so a compiled run should report none (see bltdist.parallel.wrappers)."""
         return self._graph_breaks_so_far() - self._graph_breaks_before
 
     @staticmethod
