@@ -26,6 +26,7 @@ from bltdist.data import (
     prepare,
 )
 from bltdist.data.documents import document_digest
+from bltdist.data.prepared import start_resumable_output
 from bltdist.errors import ConfigError, DataError
 from processes import launcher
 
@@ -107,6 +108,22 @@ def test_prepare_killed_and_rerun_is_byte_identical(tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     assert f"{finished} of {total} shard(s) already written" in rerun.stdout
     assert directory_bytes(out) == directory_bytes(tmp_path / "reference")
+
+
+def test_a_write_killed_with_its_writers_own_temporary_file_leaves_nothing_after_the_restart(tmp_path):
+    out = tmp_path / "out"
+    killed_mid_write = (
+        "import os, sys\n"
+        "from bltdist.atomic import atomic_file\n"
+        "with atomic_file(sys.argv[1]) as staging:\n"
+        "    (staging.parent / '.tmpAbC123').write_bytes(b'half')  # as safetensors >= 0.8 writes, beside its target\n"
+        "    staging.write_bytes(b'half')\n"
+        "    os._exit(9)  # no cleanup runs, as under SIGKILL\n"
+    )  # fmt: skip
+    killed = subprocess.run([sys.executable, "-c", killed_mid_write, str(out / "shard-00000.safetensors")], check=False)
+    assert killed.returncode == 9 and any(out.iterdir())
+    start_resumable_output(out / "manifest.json", {"shards": 1}, DataError("another plan"))
+    assert sorted(path.name for path in out.iterdir()) == ["manifest.json"]
 
 
 def test_prepare_under_torchrun_writes_each_ranks_share_and_the_bytes_of_one_process(tmp_path):

@@ -1,9 +1,9 @@
 """Atomic writes: a file or directory appears under its final name complete, or not at all.
 
-Everything is written under a hidden staging name in the same directory, fsynced, then renamed
-over the final name (one rename is atomic on POSIX filesystems), and the parent directory is
-fsynced so that the rename itself survives a power loss. A crash leaves at worst a staging name
-behind, which no reader ever opens.
+Everything is written inside a hidden staging directory beside the final name, fsynced, then
+renamed over the final name (one rename is atomic on POSIX filesystems), and the parent directory
+is fsynced so that the rename itself survives a power loss. A crash leaves at worst one staging
+directory behind (``.<name>.tmp-*``), which no reader ever opens and one removal clears.
 """
 
 from __future__ import annotations
@@ -51,32 +51,29 @@ def commit(staging: Path, final: Path) -> None:
 
 
 @contextlib.contextmanager
-def _staged(final: Path, make_staging) -> Iterator[Path]:
+def _staged(final: Path, is_file: bool) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = make_staging()
+    # A file is staged inside a private directory too: writers' own temporary files (safetensors
+    # >= 0.8 writes through a sibling ".tmpXXXXXX") then stay in it, not in the output directory.
+    scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    staging = scratch / final.name if is_file else scratch
     try:
         yield staging
         commit(staging, final)
-    except BaseException:
-        if staging.is_dir():
-            shutil.rmtree(staging, ignore_errors=True)
-        else:
-            staging.unlink(missing_ok=True)
-        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)  # after a directory's commit there is nothing left to remove
 
 
 def atomic_file(path: str | Path) -> contextlib.AbstractContextManager[Path]:
     """``with atomic_file(path) as staging:`` write the file at ``staging``; on success it replaces
     ``path``, on failure it is removed and ``path`` is untouched."""
-    final = Path(path)
-    return _staged(final, lambda: final.with_name(f".{final.name}.tmp-{os.getpid()}"))
+    return _staged(Path(path), is_file=True)
 
 
 def atomic_directory(path: str | Path) -> contextlib.AbstractContextManager[Path]:
     """``with atomic_directory(path) as staging:`` fill the empty directory ``staging``; on success
     it replaces ``path`` (a directory) with one rename, on failure it is removed."""
-    final = Path(path)
-    return _staged(final, lambda: Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent)))
+    return _staged(Path(path), is_file=False)
 
 
 def atomic_write(path: str | Path, data: str | bytes) -> None:
