@@ -47,6 +47,9 @@ STEP_DIR = re.compile(r"step_(\d+)")
 CHECKSUM_CHUNK = 16 << 20
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
+# One process saves and loads with no_dist=True, exactly that intent; torch still warns at each call.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
@@ -534,10 +537,7 @@ def consolidate(checkpoint: str | Path, out_dir: str | Path) -> Path:
     sections = {section: {name: torch.empty(spec["shape"], dtype=getattr(torch, spec["dtype"]))
                           for name, spec in metadata["tensors"][section].items()}
                 for section in ("model", "entropy_model") if section in metadata["tensors"]}  # fmt: skip
-    with warnings.catch_warnings():
-        # no_dist=True is exactly that intent; PyTorch still warns about it.
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(sections, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=True)
+    dcp.load(sections, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=True)
     cfg = config_from_dict(metadata["config"], str(path / METADATA_FILE))
     if "patching" in metadata:  # the threshold in use, which patching.target_patch_size may have moved
         cfg.patching.threshold = metadata["patching"]["threshold"]
