@@ -54,7 +54,7 @@ def commit(staging: Path, final: Path) -> None:
 def _staged(final: Path, is_file: bool) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     # A file is staged inside a private directory too: writers' own temporary files (safetensors
-    # >= 0.8 writes through a sibling ".tmpXXXXXX") then stay in it, not in the output directory.
+    # >= 0.8 writes through a hidden sibling, ".tmp" and six random characters) then stay in it.
     scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     staging = scratch / final.name if is_file else scratch
     try:

@@ -144,7 +144,7 @@ def start_resumable_output(plan_path: Path, plan: dict, other_plan: UserError, o
         atomic_write(plan_path, json.dumps(plan, indent=1) + "\n")
     for leftover in out_dir.glob(".*.tmp-*"):
         if owned is None or any(leftover.name.startswith(f".{name}") for name in owned):
-            shutil.rmtree(leftover, ignore_errors=True)  # a file being written when a previous run was killed
+            shutil.rmtree(leftover, ignore_errors=True)  # the staging directory of a write a killed run left unfinished
 
 
 def run_tasks(function: Callable, tasks: list, workers: int, log: Callable[[str], None],

@@ -22,6 +22,11 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_f
 from bltdist.model.layers import CrossAttention, TransformerBlock
 from bltdist.parallel.wrappers import outermost
 
+# Under tensor parallelism a unit returns DTensor.to_local()'s view, and torch 2.13 warns once per unit
+# and rank that an in-place op on it would skip FSDP's gather. No caller changes a unit's output in
+# place (every layout's gradients equal one process's, tests/test_parallel.py): the warning is noise.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*\) returned a view tensor")
+
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, bf16: bool, reshard_after_forward: bool = True) -> None:
     """Shard ``model`` (a whole model or one pipeline part) block by block, then at its root."""
@@ -31,10 +36,6 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, bf16: bool, reshard_after_for
         kwargs["mp_policy"] = mp_policy
     # At the outermost wrapper, as torchtitan shards compiled blocks: FSDP's hooks on the inner
     # block would run inside the compiled code and break its graph (bltdist.parallel.wrappers).
-    # Under tensor parallelism a unit returns DTensor.to_local()'s view, and torch >= 2.13 warns once per
-    # unit and rank that an in-place op on it would skip FSDP's gather. No caller changes a unit's output
-    # in place (every layout's gradients equal one process's, tests/test_parallel.py): the warning is noise.
-    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*\) returned a view tensor")
     for _, _, module in outermost(model, (TransformerBlock, CrossAttention)):
         fully_shard(module, **kwargs)
         if isinstance(module, CrossAttention):
