@@ -104,6 +104,7 @@ LAYOUTS = {
     "cp=2": (2, ["--parallel.cp=2", "--parallel.dp_shard=1"]),
     "dp_shard=2 x cp=2": (4, ["--parallel.cp=2", "--parallel.dp_shard=2"]),
     "dp_replicate=2 x dp_shard=2": (4, ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"]),
+    "dp_replicate=2 x cp=2": (4, ["--parallel.dp_replicate=2", "--parallel.cp=2", "--parallel.dp_shard=1"]),
     "tp=2": (2, ["--parallel.tp=2", "--parallel.dp_shard=1"]),
     "dp_shard=2 x tp=2": (4, ["--parallel.tp=2", "--parallel.dp_shard=2"]),
     "pp=2 GPipe": (2, ["--parallel.pp=2", "--parallel.dp_shard=1", "--parallel.pp_schedule=GPipe"]),

@@ -88,10 +88,13 @@ class ParallelDims:
         root = init_device_mesh(device_type, tuple(self.sizes().values()), mesh_dim_names=MESH_DIMS)
         dp = root["dp_replicate", "dp_shard"]._flatten("dp")
         dp_shard_cp = root["dp_shard", "cp"]._flatten("dp_shard_cp")
-        # Slicing a flattened dim from the root is deprecated (torch 2.13 warns on every rank); without
-        # context parallelism HSDP's shard dim is dp_shard itself. With it, the warning remains.
-        shard_dim = "dp_shard" if self.cp == 1 else "dp_shard_cp"
-        fsdp = root["dp_replicate", shard_dim] if self.dp_replicate > 1 else dp_shard_cp
+        if self.dp_replicate == 1:
+            fsdp = dp_shard_cp
+        elif self.cp == 1:
+            fsdp = root["dp_replicate", "dp_shard"]
+        else:  # slicing the flattened dp_shard_cp from the root is deprecated (warns on every rank): unflatten
+            hsdp_sizes = (self.dp_replicate, self.dp_shard * self.cp)
+            fsdp = root["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")._unflatten(0, hsdp_sizes, ("dp_replicate", "dp_shard_cp"))  # fmt: skip
         return Meshes(root=root, dp=dp, dp_shard_cp=dp_shard_cp, fsdp=fsdp)
 
     def _batch_problems(self, cfg: Config) -> list[str]:
