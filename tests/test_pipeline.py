@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
+from torch.torch_version import TorchVersion
 
 from bltdist.config import BLTConfig, load_config
 from bltdist.errors import ConfigError
@@ -19,10 +20,11 @@ from bltdist.model import BLT
 from bltdist.patching.tokens import BOS_ID
 from bltdist.parallel import ParallelDims
 from bltdist.parallel.grads import clip_grad_norm
-from bltdist.parallel.pipeline import BLTPipeline, split_model
+from bltdist.parallel.pipeline import BLTPipeline, split_model, torch_schedule_problems
 from bltdist.parallel.pipeline.schedule import SCHEDULES
 from bltdist.parallel.pipeline.stage import layer_split, stage_indices
 from bltdist.patching import BYTE_OFFSET, patch_lengths, patch_starts
+from processes import v_schedule_on_gloo
 
 STEPS = 5
 ACCUMULATION = 2
@@ -262,6 +264,7 @@ def test_pp2_matches_single_process(schedule_name, single_process_reference):
 
 
 @pytest.mark.slow
+@v_schedule_on_gloo
 def test_fsdp2_by_pp2_v_schedule_matches_single_process(single_process_reference):
     """The V schedule, with its byte-state carry, on parts that FSDP2 sharded before the stages were built."""
     spawn(fsdp_pipeline_worker, ("ZBVZeroBubble", single_process_reference), nprocs=4)
@@ -304,6 +307,16 @@ def pipeline_config(*overrides: str):
 
 def check_pipeline_layout(cfg) -> None:
     ParallelDims.from_config(cfg, world_size=cfg.parallel.pp)
+
+
+def test_v_schedule_on_gloo_before_torch_2_13_is_named_before_the_start(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(torch, "__version__", TorchVersion("2.11.0+cu130"))
+    (problem,) = torch_schedule_problems("ZBVZeroBubble", cpu)
+    assert problem.startswith("parallel.pp_schedule: ZBVZeroBubble") and "torch >= 2.13" in problem
+    assert torch_schedule_problems("Interleaved1F1B", cpu) == torch_schedule_problems("ZBVZeroBubble", cuda) == []
+    monkeypatch.setattr(torch, "__version__", TorchVersion("2.13.0+cpu"))
+    assert torch_schedule_problems("ZBVZeroBubble", cpu) == []
 
 
 def test_more_stages_than_layers_is_a_config_error():

@@ -39,6 +39,7 @@ from bltdist.metrics import (
 )
 from bltdist.model_dir import check_model_dir
 from bltdist.parallel import ParallelDims
+from bltdist.parallel.pipeline import torch_schedule_problems
 from bltdist.tokenizer import prepare_run_tokenizer
 from bltdist.training.checkpoint import Checkpointer, check_resumable, consolidate
 from bltdist.training.parallelize import meta_model
@@ -298,9 +299,14 @@ def check_before_start(cfg: Config, world_size: int) -> None:
     if cfg.checkpoint.init_from:
         check_model_dir("checkpoint.init_from", cfg.checkpoint.init_from)
     check_resumable(cfg.checkpoint, cfg.output_dir, config_to_dict(cfg), meta_model(cfg.model))
-    sink_problems = missing_sink_packages(cfg.logging)
-    if sink_problems:
-        raise ConfigError(sink_problems)
+    problems = missing_sink_packages(cfg.logging)
+    if cfg.parallel.pp > 1:
+        problems += torch_schedule_problems(cfg.parallel.pp_schedule, training_device(cfg.train))
+    if problems:
+        raise ConfigError(problems)
+
+
+QUIET_RANK_EXIT_DELAY_S = 30.0
 
 
 @record
@@ -329,6 +335,10 @@ def main(argv: list[str] | None = None) -> None:
         if int(os.environ.get("LOCAL_RANK", "0")) == 0 or (started and isinstance(error, UserError)):
             where = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
             print(f"bltdist-train: error: {where}{error}", file=sys.stderr, flush=True)
+        elif not started:
+            # torchrun stops a node's ranks as soon as one exits: a quiet rank that exited first
+            # would take the node's message with it (seen under load). Local rank 0's exit ends the wait.
+            time.sleep(QUIET_RANK_EXIT_DELAY_S)
         sys.exit(2 if isinstance(error, UserError) else 1)
 
 

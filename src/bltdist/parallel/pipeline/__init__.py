@@ -9,7 +9,7 @@ Trainer use (every rank of a pipeline group loads the same batch)::
     # patch_lengths None for a plain LM
 """
 
-from bltdist.parallel.pipeline.schedule import BLTPipeline
+from bltdist.parallel.pipeline.schedule import BLTPipeline, torch_schedule_problems
 from bltdist.parallel.pipeline.stage import BLTStage, ByteLMStage, split_model
 
-__all__ = ["BLTPipeline", "BLTStage", "ByteLMStage", "split_model"]
+__all__ = ["BLTPipeline", "BLTStage", "ByteLMStage", "split_model", "torch_schedule_problems"]

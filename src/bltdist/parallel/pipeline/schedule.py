@@ -14,7 +14,8 @@ with resharding, the ZBV schedule's split backward (input gradients first, weigh
 ends with wrong weight gradients (measured: dp_shard=2 x pp=2 on gloo, torch 2.13).
 
 Torch versions: all schedules tested on 2.13; GPipe, 1F1B and Interleaved1F1B on 2.11, where
-ZBVZeroBubble fails with gloo in torch's p2p warm-up (a send from a rank to itself; NCCL allows it).
+ZBVZeroBubble fails with gloo in torch's p2p warm-up (a send from a rank to itself; NCCL allows it),
+so training names that combination before the start (``torch_schedule_problems``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,17 @@ SCHEDULES = {
     "Interleaved1F1B": ScheduleInterleaved1F1B,
     "ZBVZeroBubble": ScheduleZBVZeroBubble,
 }
+
+
+def torch_schedule_problems(schedule_name: str, device: torch.device) -> list[str]:
+    """What the installed torch cannot run of ``schedule_name`` on ``device``, named before the start."""
+    if schedule_name in V_SHAPED_SCHEDULES and device.type == "cpu" and torch.__version__ < "2.13":
+        return [
+            f"parallel.pp_schedule: {schedule_name} on CPU (gloo) needs torch >= 2.13: torch {torch.__version__}'s "
+            "pipelining sets up a V's stages with a send from a rank to itself, which gloo refuses; use GPipe, "
+            "1F1B or Interleaved1F1B, or torch >= 2.13"
+        ]
+    return []
 
 
 class BLTPipeline:
