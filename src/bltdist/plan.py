@@ -73,7 +73,7 @@ def _probe_activation_bytes(cfg: Config, layers: dict[str, int], seq_len: int) -
         # Static patches: an entropy model is not needed to measure what a layer holds per byte.
         patching=dataclasses.replace(cfg.patching, mode="static"),
         train=dataclasses.replace(cfg.train, micro_batch_size=1, global_batch_size=1, seq_len=seq_len, device="cpu",
-                                  dtype="float32", compile=False),  # the config's checkpointing: 10x at blt_1b
+                                  dtype="float32", compile=False),  # checkpointing as configured
         parallel=ParallelConfig(),
         checkpoint=dataclasses.replace(cfg.checkpoint, init_from=None),
     )  # fmt: skip

@@ -90,11 +90,11 @@ class ParallelDims:
         dp_shard_cp = root["dp_shard", "cp"]._flatten("dp_shard_cp")
         if self.dp_replicate == 1:
             fsdp = dp_shard_cp
-        elif self.cp == 1:
+        elif self.cp == 1:  # a slice of the root reuses its process groups
             fsdp = root["dp_replicate", "dp_shard"]
-        else:  # slicing the flattened dp_shard_cp from the root is deprecated (warns on every rank): unflatten
-            hsdp_sizes = (self.dp_replicate, self.dp_shard * self.cp)
-            fsdp = root["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")._unflatten(0, hsdp_sizes, ("dp_replicate", "dp_shard_cp"))  # fmt: skip
+        else:  # slicing the flattened dp_shard_cp from the root is deprecated (warns on every rank)
+            hsdp = root["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+            fsdp = hsdp._unflatten(0, (self.dp_replicate, self.dp_shard * self.cp), ("dp_replicate", "dp_shard_cp"))
         return Meshes(root=root, dp=dp, dp_shard_cp=dp_shard_cp, fsdp=fsdp)
 
     def _batch_problems(self, cfg: Config) -> list[str]:
