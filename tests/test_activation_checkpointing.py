@@ -1,5 +1,6 @@
 """``train.activation_checkpointing``: recomputing each transformer block in the backward pass gives
-the losses and gradients of the run without it, and holds fewer activations (``bltdist.memtrack``)."""
+the losses and gradients of the run without it, and holds fewer activations (``bltdist.memtrack``);
+``train.activation_checkpointing_interval`` checkpoints every n-th block, and holds an amount in between."""
 
 import json
 import os
@@ -14,15 +15,18 @@ from test_train import run_trainers_together
 from processes import side_by_side
 
 CHECKPOINTING = "--train.activation_checkpointing=true"
+EVERY_SECOND_BLOCK = [CHECKPOINTING, "--train.activation_checkpointing_interval=2"]
 
 
-@pytest.mark.parametrize("layout, nproc, parallel_args", [
-    ("1 process", 1, []),
-    pytest.param("dp_shard=2", 2, ["--parallel.dp_shard=2"], marks=pytest.mark.slow),
+@pytest.mark.parametrize("layout, nproc, data_parallel, parallel_args", [
+    ("1 process", 1, 1, []),
+    ("1 process, every second block", 1, 1, EVERY_SECOND_BLOCK[1:]),
+    pytest.param("dp_shard=2", 2, 2, ["--parallel.dp_shard=2"], marks=pytest.mark.slow),
+    pytest.param("pp=2, every second block", 2, 1, ["--parallel.pp=2", *EVERY_SECOND_BLOCK[1:]], marks=pytest.mark.slow),
 ])  # fmt: skip
-def test_gradients_equal_the_run_without_checkpointing(layout, nproc, parallel_args, tmp_path):
-    data_parallel = nproc
-    plain = run_gradients(tmp_path / "plain.pt", parallel_args, nproc, data_parallel)
+def test_gradients_equal_the_run_without_checkpointing(layout, nproc, data_parallel, parallel_args, tmp_path):
+    plain_args = [arg for arg in parallel_args if "activation_checkpointing" not in arg]
+    plain = run_gradients(tmp_path / "plain.pt", plain_args, nproc, data_parallel)
     checkpointed = run_gradients(tmp_path / "checkpointed.pt", [*parallel_args, CHECKPOINTING], nproc, data_parallel)
     assert checkpointed.keys() == plain.keys()
     for name, expected in plain.items():
@@ -60,8 +64,13 @@ def peak_bytes(out, extra: list[str]) -> int:
 @pytest.mark.slow
 def test_checkpointing_lowers_the_peak_tensor_memory(tmp_path):
     # Side by side: each process counts only its own tensors.
-    plain, checkpointed = side_by_side(peak_bytes, (tmp_path / "plain.json", []),
-                                       (tmp_path / "checkpointed.json", [CHECKPOINTING]))  # fmt: skip
-    print(f"peak tensor memory: {plain / 2**20:.2f} MiB without, {checkpointed / 2**20:.2f} MiB with checkpointing")
-    # Seven blocks each keep their input instead of about a dozen activations of the same size.
+    plain, every_second, checkpointed = side_by_side(
+        peak_bytes, (tmp_path / "plain.json", []), (tmp_path / "every_second.json", EVERY_SECOND_BLOCK),
+        (tmp_path / "checkpointed.json", [CHECKPOINTING]),
+    )  # fmt: skip
+    print(f"peak tensor memory: {plain / 2**20:.2f} MiB without, {every_second / 2**20:.2f} MiB checkpointing every "
+          f"second block, {checkpointed / 2**20:.2f} MiB checkpointing all")  # fmt: skip
+    # Seven blocks each keep their input instead of about a dozen activations of the same size; every
+    # second block is four of the seven (the first of each stack).
     assert checkpointed < 0.8 * plain
+    assert checkpointed < every_second < plain

@@ -166,6 +166,15 @@ def test_global_batch_not_divisible_by_micro_batch():
     ]
 
 
+def test_checkpointing_interval_needs_checkpointing():
+    assert problems_of(None, ["--train.activation_checkpointing_interval=2"]) == [
+        "train.activation_checkpointing_interval: 2 chooses which blocks are checkpointed, but "
+        "train.activation_checkpointing is false; set it to true, or leave the interval at 1"
+    ]
+    cfg = load_config(None, ["--train.activation_checkpointing_interval=2", "--train.activation_checkpointing=true"])
+    assert cfg.train.activation_checkpointing_interval == 2
+
+
 def test_entropy_patching_needs_an_entropy_model():
     (problem,) = problems_of(None, ["--patching.mode=entropy"])
     assert problem.startswith("patching.entropy_model: required when patching.mode is entropy")

@@ -282,6 +282,10 @@ class TrainConfig:
         "auto", "auto = bf16 autocast on cuda, fp32 on cpu", choices=("auto", "float32", "bfloat16")
     )
     activation_checkpointing: bool = setting(False, "recompute activations in the backward pass")
+    activation_checkpointing_interval: int = setting(
+        1, "checkpoint the transformer blocks whose index in their stack is a multiple of this (1 = all); "
+        "the others keep their activations: less recompute for more memory", ge=1,
+    )
     compile: bool = setting(False, "torch.compile the blocks")
     nonfinite: str = setting(
         "stop", "a step whose loss or gradient norm is NaN or infinite: stop the run, or skip the update",
@@ -682,6 +686,11 @@ def _combination_problems(values: dict[str, Any]) -> list[str]:
         problems.append(
             f"train.global_batch_size: must be divisible by train.micro_batch_size ({micro_batch}), got {global_batch}"
         )
+
+    interval = values.get("train.activation_checkpointing_interval")
+    if _positive_ints(interval) and interval > 1 and values.get("train.activation_checkpointing") is False:
+        problems.append(f"train.activation_checkpointing_interval: {interval} chooses which blocks are checkpointed, "
+                        "but train.activation_checkpointing is false; set it to true, or leave the interval at 1")  # fmt: skip
 
     if values.get("patching.mode") == "entropy" and values.get("patching.entropy_model") is None:
         problems.append(

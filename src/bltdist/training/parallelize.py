@@ -109,9 +109,11 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, mesh: Meshes | None,
         if train.compile:
             _compile_blocks(part)
         if train.activation_checkpointing:
-            # Around the compiled block, not inside it: see bltdist.parallel.wrappers.
+            # Around the compiled block, not inside it: see bltdist.parallel.wrappers. A block's name is
+            # its index in its stack, kept by pipeline stages, so every layout checkpoints the same blocks.
             for parent, name, block in outermost(part, (TransformerBlock,)):
-                parent.register_module(name, checkpoint_wrapper(block))
+                if int(name) % train.activation_checkpointing_interval == 0:
+                    parent.register_module(name, checkpoint_wrapper(block))
         if dims.uses_fsdp:
             # Under a pipeline, torch's zero-bubble schedules split each backward in two; FSDP must
             # keep the gathered weights between the halves (torchtitan does the same).
