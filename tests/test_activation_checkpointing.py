@@ -15,19 +15,20 @@ from test_train import run_trainers_together
 from processes import side_by_side
 
 CHECKPOINTING = "--train.activation_checkpointing=true"
-EVERY_SECOND_BLOCK = [CHECKPOINTING, "--train.activation_checkpointing_interval=2"]
+EVERY_SECOND = "--train.activation_checkpointing_interval=2"
 
 
-@pytest.mark.parametrize("layout, nproc, data_parallel, parallel_args", [
-    ("1 process", 1, 1, []),
-    ("1 process, every second block", 1, 1, EVERY_SECOND_BLOCK[1:]),
-    pytest.param("dp_shard=2", 2, 2, ["--parallel.dp_shard=2"], marks=pytest.mark.slow),
-    pytest.param("pp=2, every second block", 2, 1, ["--parallel.pp=2", *EVERY_SECOND_BLOCK[1:]], marks=pytest.mark.slow),
+@pytest.mark.parametrize("layout, nproc, data_parallel, parallel_args, interval_args", [
+    ("1 process", 1, 1, [], []),
+    ("1 process, every second block", 1, 1, [], [EVERY_SECOND]),
+    pytest.param("dp_shard=2", 2, 2, ["--parallel.dp_shard=2"], [], marks=pytest.mark.slow),
+    pytest.param("pp=2, every second block", 2, 1, ["--parallel.pp=2"], [EVERY_SECOND], marks=pytest.mark.slow),
 ])  # fmt: skip
-def test_gradients_equal_the_run_without_checkpointing(layout, nproc, data_parallel, parallel_args, tmp_path):
-    plain_args = [arg for arg in parallel_args if "activation_checkpointing" not in arg]
-    plain = run_gradients(tmp_path / "plain.pt", plain_args, nproc, data_parallel)
-    checkpointed = run_gradients(tmp_path / "checkpointed.pt", [*parallel_args, CHECKPOINTING], nproc, data_parallel)
+def test_gradients_equal_the_run_without_checkpointing(layout, nproc, data_parallel, parallel_args, interval_args,
+                                                       tmp_path):  # fmt: skip
+    plain = run_gradients(tmp_path / "plain.pt", parallel_args, nproc, data_parallel)
+    checkpointed = run_gradients(tmp_path / "checkpointed.pt", [*parallel_args, CHECKPOINTING, *interval_args],
+                                 nproc, data_parallel)  # fmt: skip
     assert checkpointed.keys() == plain.keys()
     for name, expected in plain.items():
         # The recomputation repeats the same operations on the same inputs.
@@ -65,7 +66,7 @@ def peak_bytes(out, extra: list[str]) -> int:
 def test_checkpointing_lowers_the_peak_tensor_memory(tmp_path):
     # Side by side: each process counts only its own tensors.
     plain, every_second, checkpointed = side_by_side(
-        peak_bytes, (tmp_path / "plain.json", []), (tmp_path / "every_second.json", EVERY_SECOND_BLOCK),
+        peak_bytes, (tmp_path / "plain.json", []), (tmp_path / "every_second.json", [CHECKPOINTING, EVERY_SECOND]),
         (tmp_path / "checkpointed.json", [CHECKPOINTING]),
     )  # fmt: skip
     print(f"peak tensor memory: {plain / 2**20:.2f} MiB without, {every_second / 2**20:.2f} MiB checkpointing every "
