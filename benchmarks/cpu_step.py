@@ -15,7 +15,9 @@ how fast the rest of the model runs (``*_without_hash_grad``). Model FLOP/s coun
 (``bltdist.flops``, 3 x forward) for both models, which compute the same function. Writes
 benchmarks/results/cpu_step-<device>-<date>.json and prints ``ratio_vs_hf=X`` as its last line.
 ``--profile`` adds where one bltdist step spends its time (``profile``: self time per op, and each
-matrix-product shape's GFLOP/s against the 2048^3 yardstick).
+matrix-product shape's GFLOP/s against the 2048^3 yardstick) and ``fraction_of_matmul_ceiling``: the
+fraction the step would reach if it spent no time but its matrix products at the yardstick's speed,
+torch's attention kernels and the hash gradient's zero-fill.
 
     python benchmarks/cpu_step.py [--iters 7] [--warmup 1] [--threads N] [--profile]
 """
@@ -137,12 +139,27 @@ def profile_step(step) -> dict:
         a, b = event.input_shapes[:2]
         flops = 2 * math.prod(a) * b[-1] * event.count
         products.append({"shapes": [a, b], "count": event.count, "ms": event.self_cpu_time_total / 1e3,
-                         "gflops_per_sec": flops / event.self_cpu_time_total / 1e3})  # fmt: skip
+                         "gflop": flops / 1e9, "gflops_per_sec": flops / event.self_cpu_time_total / 1e3})  # fmt: skip
     return {
         "step_ms": sum(e.self_cpu_time_total for e in ops) / 1e3,
         "self_ms_by_op": {e.key: e.self_cpu_time_total / 1e3 for e in ops[:12]},
+        "matrix_product_gflop": sum(p["gflop"] for p in products),
+        "matrix_product_ms": sum(p["ms"] for p in products),
+        "attention_kernel_ms": sum(e.self_cpu_time_total for e in ops if "scaled_dot_product" in e.key) / 1e3,
         "matrix_products": sorted(products, key=lambda p: p["ms"], reverse=True)[:12],
     }
+
+
+def fraction_ceiling(result: dict, step_flops: float, table: torch.Tensor) -> dict:
+    """The best fraction of the matmul this step could reach if every matrix product ran at the
+    yardstick's speed and nothing took time but them, torch's attention kernels (as profiled) and
+    zero-filling the hash tables' fresh dense gradient (timed here): a bound on what tuning the rest
+    (norms, rotary, copies, the loss) can give."""
+    zero_fill = statistics.median(seconds(lambda: torch.zeros(table.shape)) for _ in range(5))
+    profile, matmul = result["profile"], result["matmul_fp32_2048_gflops_per_sec"]
+    floor = profile["matrix_product_gflop"] / matmul + profile["attention_kernel_ms"] / 1e3 + zero_fill
+    return {"hash_grad_zero_fill_seconds": zero_fill, "seconds_per_step_floor": floor,
+            "fraction_of_matmul_ceiling": step_flops / floor / 1e9 / matmul}  # fmt: skip
 
 
 def main() -> None:
@@ -225,6 +242,7 @@ def main() -> None:
     }
     if args.profile:
         result["profile"] = profile_step(our_step)
+        result.update(fraction_ceiling(result, step_flops, ours.encoder.hash_embedding.weight))
     out = write_results("cpu_step", "cpu", config, result, out=args.out)
     print(f"bltdist: {result['bytes_per_sec']:.0f} bytes/s ({medians['bltdist']:.3f} s/step), "
           f"{our_gflops:.1f} GFLOP/s = {result['fraction_of_matmul']:.0%} of the fp32 matmul's "
@@ -235,6 +253,10 @@ def main() -> None:
           f"({result['fraction_of_matmul_without_hash_grad']:.0%} of the matmul), transformers "
           f"{medians['transformers_without_hash_grad']:.3f} s/step, ratio {result['ratio_vs_hf_without_hash_grad']:.2f}",
           file=sys.stderr)  # fmt: skip
+    if args.profile:
+        print(f"ceiling: {result['fraction_of_matmul_ceiling']:.0%} of the matmul with every matrix product at its speed "
+              f"and no time but theirs, the attention kernels' and the hash gradient's zero-fill "
+              f"({result['seconds_per_step_floor']:.3f} s/step)", file=sys.stderr)  # fmt: skip
     print(f"results: {out}", file=sys.stderr)
     print(f"ratio_vs_hf={result['ratio_vs_hf']:.2f}")
 
