@@ -1,7 +1,8 @@
 """The CUDA paths that CPU tests cannot reach: flash-attn and compiled FlexAttention (forward and
-backward) against SDPA, the Triton kernels compiled for the GPU against the PyTorch reference,
-20 compiled bf16 training steps, and a 2-GPU NCCL layout. Each test states why it is skipped
-where there is no GPU (or no second GPU, or no flash-attn); on a GPU machine they all run."""
+backward) against SDPA, the ring attention's bf16 blocks against SDPA, the Triton kernels compiled
+for the GPU against the PyTorch reference, 20 compiled bf16 training steps, and a 2-GPU NCCL layout.
+Each test states why it is skipped where there is no GPU (or no second GPU, or no flash-attn); on a
+GPU machine they all run."""
 
 from __future__ import annotations
 
@@ -87,6 +88,29 @@ def test_auto_sends_fp32_to_flex_and_bf16_to_flash_when_installed():
     cuda = torch.device("cuda")
     assert resolve_backend("auto", cuda, torch.float32) == "flex"
     assert resolve_backend("auto", cuda, torch.bfloat16) == ("flash" if flash_attn_available() else "flex")
+
+
+@needs_cuda
+def test_ring_attention_in_bf16_equals_sdpa_and_restores_the_matmul_precision():
+    """The ring's blocks on one GPU (one rank: no communication) run their fp32 products in TF32 for
+    bf16 inputs: output and gradients within bf16 rounding of SDPA in fp32, and the process-wide
+    matmul setting is put back after forward and backward."""
+    from bltdist.parallel.context.ring import RingPatchMask
+
+    inputs = random_attention_inputs(torch.bfloat16, seq_len=1024)
+    doc_ids = cuda_doc_ids(1024)
+    grad_out = torch.randn_like(inputs[0])
+    expected = attend_with_grads("sdpa", doc_ids, None, [x.detach().float() for x in inputs], grad_out.float())
+    precision = torch.backends.cuda.matmul.fp32_precision
+    ring = RingPatchMask(None, 0, 1, 512, torch.arange(1024, device="cuda")[None], doc_ids[None])
+    inputs = [x.detach().clone().requires_grad_() for x in inputs]
+    out = ring.attend(*inputs)
+    assert torch.backends.cuda.matmul.fp32_precision == precision
+    out.backward(grad_out)
+    assert torch.backends.cuda.matmul.fp32_precision == precision
+    for got, want in zip([out, *(x.grad for x in inputs)], expected):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want, rtol=3e-2, atol=3e-2)
 
 
 def model_logits_and_grads(kernels: str, compiled: bool):

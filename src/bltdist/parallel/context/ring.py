@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,23 @@ def _block_forward(q, k, v, visible) -> tuple[torch.Tensor, torch.Tensor]:
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
     return torch.einsum("bhgqk,bkhd->bqhgd", probs, v), lse
+
+
+@contextmanager
+def _block_products(input_dtype: torch.dtype):
+    """The blocks' fp32 products in TF32 on a GPU when the inputs came in bf16 or fp16: their values
+    are exact in TF32, so the scores equal fp32 products, and probabilities and score gradients keep
+    10 bits (flash attention keeps bf16's 7); an H100 runs fp32 products at a seventh of TF32's rate.
+    fp32 inputs keep fp32 products. (The setting is CUDA's only: CPU products are unchanged.)"""
+    if input_dtype == torch.float32:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    saved, matmul.fp32_precision = matmul.fp32_precision, "tf32"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = saved
 
 
 def _merge_into(out: torch.Tensor, lse: torch.Tensor, part: slice, block_out: torch.Tensor, block_lse: torch.Tensor):
@@ -54,15 +72,16 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: RingPatchMask) -> torch.Tensor:
         batch, length, heads, head_dim = q.shape
         grouped_q = q.float().unflatten(2, (k.shape[2], heads // k.shape[2]))
-        key_values = torch.cat([k, v], dim=-1).float().contiguous()
+        key_values = torch.cat([k, v], dim=-1).contiguous()  # travels in the inputs' dtype: bf16 halves the bytes
         out = torch.zeros_like(grouped_q)
         lse = torch.full((batch, k.shape[2], heads // k.shape[2], length), -math.inf, device=q.device)
-        for step in range(mask.size):
-            passing = _pass_on(key_values, mask, step)  # the next block travels while this one computes
-            q_part, k_part, block_k, block_v, visible = mask.block(step, key_values)
-            block_out, block_lse = _block_forward(grouped_q[:, q_part], block_k, block_v, visible)
-            _merge_into(out, lse, q_part, block_out, block_lse)
-            key_values = _received(passing, key_values)
+        with _block_products(q.dtype):
+            for step in range(mask.size):
+                passing = _pass_on(key_values, mask, step)  # the next block travels while this one computes
+                q_part, k_part, block_k, block_v, visible = mask.block(step, key_values)
+                block_out, block_lse = _block_forward(grouped_q[:, q_part], block_k, block_v, visible)
+                _merge_into(out, lse, q_part, block_out, block_lse)
+                key_values = _received(passing, key_values)
         ctx.mask = mask
         ctx.save_for_backward(q, k, v, out, lse)
         return out.flatten(2, 3).to(q.dtype)
@@ -76,25 +95,27 @@ class _RingAttention(torch.autograd.Function):
         # delta = rowsum(dO * O): the softmax backward's correction, the same for every key block.
         delta = (grad_out * out).sum(-1).permute(0, 2, 3, 1)  # (B, Hkv, G, T)
         grad_q = torch.zeros_like(grouped_q)
-        key_values = torch.cat([k, v], dim=-1).float().contiguous()
-        grad_key_values = torch.zeros_like(key_values)  # travels with key_values back to its owner
-        for step in range(mask.size):
-            passing = _pass_on(key_values, mask, step)
-            q_part, k_part, block_k, block_v, visible = mask.block(step, key_values)
-            scores = _block_scores(grouped_q[:, q_part], block_k, visible)
-            probs = torch.exp(scores - lse[..., q_part, None])
-            part_grad_out = grad_out[:, q_part]
-            grad_v = torch.einsum("bhgqk,bqhgd->bkhd", probs, part_grad_out)
-            grad_probs = torch.einsum("bqhgd,bkhd->bhgqk", part_grad_out, block_v)
-            grad_scores = probs * (grad_probs - delta[..., q_part, None]) / math.sqrt(q.shape[-1])
-            grad_q[:, q_part] += torch.einsum("bhgqk,bkhd->bqhgd", grad_scores, block_k)
-            grad_k = torch.einsum("bhgqk,bqhgd->bkhd", grad_scores, grouped_q[:, q_part])
-            grad_key_values[:, k_part] += torch.cat([grad_k, grad_v], dim=-1)
-            key_values = _received(passing, key_values)
-            if mask.size > 1:
-                # After cp shifts the accumulator has gone round the ring and is back at its owner.
-                grad_key_values, requests = start_ring_shift(grad_key_values, mask.group)
-                finish(requests)
+        key_values = torch.cat([k, v], dim=-1).contiguous()
+        # Sums over every rank's queries: fp32 whatever the inputs, travelling with key_values back to its owner.
+        grad_key_values = torch.zeros_like(key_values, dtype=torch.float32)
+        with _block_products(q.dtype):
+            for step in range(mask.size):
+                passing = _pass_on(key_values, mask, step)
+                q_part, k_part, block_k, block_v, visible = mask.block(step, key_values)
+                scores = _block_scores(grouped_q[:, q_part], block_k, visible)
+                probs = torch.exp(scores - lse[..., q_part, None])
+                part_grad_out = grad_out[:, q_part]
+                grad_v = torch.einsum("bhgqk,bqhgd->bkhd", probs, part_grad_out)
+                grad_probs = torch.einsum("bqhgd,bkhd->bhgqk", part_grad_out, block_v)
+                grad_scores = probs * (grad_probs - delta[..., q_part, None]) / math.sqrt(q.shape[-1])
+                grad_q[:, q_part] += torch.einsum("bhgqk,bkhd->bqhgd", grad_scores, block_k)
+                grad_k = torch.einsum("bhgqk,bqhgd->bkhd", grad_scores, grouped_q[:, q_part])
+                grad_key_values[:, k_part] += torch.cat([grad_k, grad_v], dim=-1)
+                key_values = _received(passing, key_values)
+                if mask.size > 1:
+                    # After cp shifts the accumulator has gone round the ring and is back at its owner.
+                    grad_key_values, requests = start_ring_shift(grad_key_values, mask.group)
+                    finish(requests)
         grad_k, grad_v = grad_key_values.chunk(2, dim=-1)
         return grad_q.flatten(2, 3).to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None
 
@@ -123,10 +144,10 @@ class RingPatchMask:
 
     def block(self, step: int, key_values: torch.Tensor):
         """What ring step ``step`` computes, holding the (B, 2C, Hkv, 2D) ``key_values`` of rank
-        rank - step: our queries and its keys that can see each other, its K and V there, and the mask."""
+        rank - step: our queries and its keys that can see each other, its K and V there (fp32), and the mask."""
         source = (self.rank - step) % self.size
         q_part, k_part = self.visible_parts(source)
-        block_k, block_v = key_values[:, k_part].chunk(2, dim=-1)
+        block_k, block_v = key_values[:, k_part].float().chunk(2, dim=-1)
         return q_part, k_part, block_k, block_v, self.visible(source, q_part, k_part)
 
     def visible_parts(self, source: int) -> tuple[slice, slice]:
