@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything a short GPU lease should run, in priority order, each part under its own time limit and all of
 # them under BUDGET_S, so that one hang cannot eat the rest and the script ends before the call's limit:
-# the CUDA tests, the kernel timings, MFU of the 1B shape (eager at micro batch 1, 4, 8; compiled, checkpointing all blocks and every second) and a
+# the CUDA tests, the kernel timings, the ring attention's block, MFU of the 1B shape (eager at micro batch 1, 4, 8; compiled, checkpointing all blocks and every second) and a
 # profile of its step, then the kernel and attention tests on the GPU. Name parts to run only those. Results files are
 # packed into $OUT/results.tar after every part (a lease returns few files; unpack into benchmarks/results/),
 # the whole log goes to $OUT/all.log.
@@ -14,7 +14,7 @@ RESULTS=$(mktemp -d /tmp/bltdist-results.XXXX)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 exec > >(tee -a "$OUT/all.log") 2>&1
-wanted=" ${*:-test_cuda kernels mfu mfu_micro4 mfu_micro8 mfu_compile mfu_ac_every_second profile profile_compile kernel_and_attention_tests} "
+wanted=" ${*:-test_cuda kernels ring_block mfu mfu_micro4 mfu_micro8 mfu_compile mfu_ac_every_second profile profile_compile kernel_and_attention_tests} "
 
 part() {  # part SECONDS NAME COMMAND...: run if wanted, within its limit and what is left of the budget
     local limit=$1 name=$2 start=$SECONDS
@@ -39,6 +39,8 @@ fi
 
 part 210 test_cuda python3 -m pytest -v -rA -p no:cacheprovider tests/test_cuda.py
 part 90 kernels python3 benchmarks/kernels.py --seq-lens 8192 16384 --iters 10 --warmup 3 --out-dir "$RESULTS"
+# Context parallelism's ring block at BLT-1B's global shape (micro batch 8, 8192 bytes): TF32 against fp32 products and SDPA.
+part 60 ring_block python3 benchmarks/ring_block.py --results-dir "$RESULTS"
 # BLT-1B's fp32 weights, gradients and AdamW state alone are 66 GB on one unsharded GPU (122 GB peak
 # on an H200): on a card under 100 GB the hash tables shrink to 100002 rows each. Lookups are no
 # FLOPs, so MFU keeps its meaning; the change is in the results' config.

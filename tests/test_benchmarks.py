@@ -1,5 +1,5 @@
 """benchmarks/mfu.py on CPU at tiny sizes: every point is a real 2-process run whose summary.json
-feeds the JSON, the markdown table and the PNG plot."""
+feeds the JSON, the markdown table and the PNG plot. benchmarks/ring_block.py at a tiny shape."""
 
 import json
 import os
@@ -45,3 +45,16 @@ def test_bad_layout_is_rejected_before_any_run(tmp_path):
                              "--results-dir", str(tmp_path)], capture_output=True, text=True, cwd=REPO)  # fmt: skip
     assert result.returncode != 0 and "layout 'zp=2'" in result.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_ring_block_runs_on_cpu_and_writes_its_figures(tmp_path):
+    command = [sys.executable, "benchmarks/ring_block.py", "--batch", "1", "--patches", "64", "--heads", "2",
+               "--head-dim", "16", "--iters", "2", "--warmup", "1", "--results-dir", str(tmp_path)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-4000:]
+    (json_path,) = tmp_path.glob("ring_block-cpu-*.json")
+    data = json.loads(json_path.read_text())
+    assert data["device"] == "cpu" and data["config"]["patches"] == 64
+    for key in ("ring_ms", "ring_fp32_inputs_ms", "sdpa_ms", "ring_block_tflops_per_sec"):
+        assert data[key] > 0, key
+    assert data["speedup_vs_fp32_inputs"] == pytest.approx(data["ring_fp32_inputs_ms"] / data["ring_ms"])
