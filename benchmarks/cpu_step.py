@@ -150,13 +150,12 @@ def profile_step(step) -> dict:
     }
 
 
-def fraction_ceiling(result: dict, step_flops: float, table: torch.Tensor) -> dict:
+def fraction_ceiling(profile: dict, matmul: float, step_flops: float, table: torch.Tensor) -> dict:
     """The best fraction of the matmul this step could reach if every matrix product ran at the
     yardstick's speed and nothing took time but them, torch's attention kernels (as profiled) and
     zero-filling the hash tables' fresh dense gradient (timed here): a bound on what tuning the rest
     (norms, rotary, copies, the loss) can give."""
     zero_fill = statistics.median(seconds(lambda: torch.zeros(table.shape)) for _ in range(5))
-    profile, matmul = result["profile"], result["matmul_fp32_2048_gflops_per_sec"]
     floor = profile["matrix_product_gflop"] / matmul + profile["attention_kernel_ms"] / 1e3 + zero_fill
     return {"hash_grad_zero_fill_seconds": zero_fill, "seconds_per_step_floor": floor,
             "fraction_of_matmul_ceiling": step_flops / floor / 1e9 / matmul}  # fmt: skip
@@ -242,7 +241,8 @@ def main() -> None:
     }
     if args.profile:
         result["profile"] = profile_step(our_step)
-        result.update(fraction_ceiling(result, step_flops, ours.encoder.hash_embedding.weight))
+        table = ours.encoder.hash_embedding.weight
+        result.update(fraction_ceiling(result["profile"], matmul_gflops, step_flops, table))
     out = write_results("cpu_step", "cpu", config, result, out=args.out)
     print(f"bltdist: {result['bytes_per_sec']:.0f} bytes/s ({medians['bltdist']:.3f} s/step), "
           f"{our_gflops:.1f} GFLOP/s = {result['fraction_of_matmul']:.0%} of the fp32 matmul's "
